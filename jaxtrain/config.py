@@ -1,0 +1,356 @@
+"""Typed, frozen run configuration: YAML in, dotted ``--set`` overrides, one-line errors.
+
+A config is a tree of frozen dataclasses (``model``, ``mesh``, ``optim``, ``data``,
+``train``, ``run``). The defaults are the tiny CPU model that ``jaxtrain train`` trains
+with no arguments; ``configs/tiny.yaml`` spells the same values out. Every field is
+checked on load: unknown keys, wrong types and impossible combinations raise
+:class:`~jaxtrain.errors.UserError` with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxtrain.errors import UserError
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
+ATTENTION_IMPLS = ("xla",)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+    family: str = "llama"
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    mlp_dim: int = 704
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    remat: str = "none"
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    attention: str = "xla"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        _check(self.max_seq_len > 0, "model.max_seq_len", "must be positive")
+        _check(
+            self.d_model % self.n_heads == 0,
+            "model.n_heads",
+            f"{self.n_heads} does not divide model.d_model={self.d_model}",
+        )
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            "model.n_kv_heads",
+            f"{self.n_kv_heads} does not divide model.n_heads={self.n_heads}",
+        )
+        _check(self.head_dim % 2 == 0, "model.n_heads", "head dimension must be even for RoPE")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
+        _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
+        _check(self.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
+        _check(self.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
+        _check(
+            self.attention in ATTENTION_IMPLS,
+            "model.attention",
+            f"must be one of {ATTENTION_IMPLS}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape and the sharding preset that maps logical axes onto it.
+
+    One axis may be ``-1``: it takes all devices the others leave.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    preset: str = "fsdp"
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            _check(size == -1 or size >= 1, f"mesh.{name}", "must be >= 1 or -1 (fill)")
+        _check(
+            list(sizes.values()).count(-1) <= 1,
+            "mesh",
+            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+        )
+        _check(self.preset in PRESETS, "mesh.preset", f"must be one of {PRESETS}")
+        _check(
+            self.tensor == 1 or self.preset == "fsdp_tp",
+            "mesh.tensor",
+            f"tensor={self.tensor} needs mesh.preset=fsdp_tp (preset is {self.preset})",
+        )
+
+    def resolve(self, n_devices: int) -> dict[str, int]:
+        """The concrete axis sizes for ``n_devices`` devices (``-1`` filled in).
+
+        Raises:
+            UserError: if the sizes cannot multiply to ``n_devices``.
+        """
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        for name, size in sizes.items():
+            if size == -1:
+                _check(
+                    n_devices % fixed == 0,
+                    f"mesh.{name}",
+                    f"cannot fill: {n_devices} devices are not divisible by the other "
+                    f"axes' product {fixed}",
+                )
+                sizes[name] = n_devices // fixed
+        _check(
+            math.prod(sizes.values()) == n_devices,
+            "mesh",
+            f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = "
+            f"{math.prod(sizes.values())}, but there are {n_devices} devices",
+        )
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(0.0 <= self.b1 < 1.0, "optim.b1", "must be in [0, 1)")
+        _check(0.0 <= self.b2 < 1.0, "optim.b2", "must be in [0, 1)")
+        _check(self.eps > 0, "optim.eps", "must be positive")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. An empty ``path`` means the built-in stdlib corpus."""
+
+    path: str = ""
+    tokenizer: str = "byte"
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len > 0, "data.seq_len", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Length of the run, batch size, accumulation and how often to log and evaluate."""
+
+    steps: int = 300
+    global_batch: int = 16
+    microbatches: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "train.steps", "must be positive")
+        _check(self.global_batch > 0, "train.global_batch", "must be positive")
+        _check(self.microbatches > 0, "train.microbatches", "must be positive")
+        _check(
+            self.global_batch % self.microbatches == 0,
+            "train.microbatches",
+            f"{self.microbatches} does not divide train.global_batch={self.global_batch}",
+        )
+        _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")
+        _check(self.eval_batches > 0, "train.eval_batches", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where the run writes its config, metrics, TensorBoard logs and parameters."""
+
+    dir: str = "runs/tiny"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "run.dir", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run. Cross-section checks that need no devices live here."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+
+    def check_devices(self, n_devices: int) -> dict[str, int]:
+        """Validate the parts that depend on the device count; return the mesh sizes."""
+        sizes = self.mesh.resolve(n_devices)
+        tensor = sizes["tensor"]
+        for key in ("n_heads", "n_kv_heads"):
+            value = getattr(self.model, key)
+            _check(
+                value % tensor == 0,
+                f"model.{key}",
+                f"{value} is not divisible by mesh.tensor={tensor}",
+            )
+        batch_shards = sizes["data"] * sizes["fsdp"]
+        micro = self.train.global_batch // self.train.microbatches
+        _check(
+            micro % batch_shards == 0,
+            "train.global_batch",
+            f"{self.train.global_batch} / train.microbatches={self.train.microbatches} = {micro} "
+            f"rows per microbatch is not divisible by mesh data*fsdp={batch_shards}",
+        )
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type; ints and numeric strings pass as floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"{key}: expected {hint}, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the float it spells.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is type(None):
+        _check(value is None, key, f"expected null, got {value!r}")
+        return value
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    _check(ok, key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        where = prefix.rstrip(".") or "config"
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise UserError(f"{key}: unknown key (known: {', '.join(fields)})")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain data."""
+    return _build(Config, data or {}, "")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected key=value, e.g. train.steps=20")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise UserError(f"--set {item}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` overrides (values parsed as YAML scalars) into ``data``."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        UserError: for a missing or malformed file, unknown keys or invalid values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise UserError(f"config file {path}: not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path}: top level must be a mapping")
+    return from_dict(apply_overrides(data, overrides))

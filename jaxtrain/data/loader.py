@@ -1,0 +1,247 @@
+"""Token datasets and the loader that turns them into sharded global batches.
+
+A dataset is two 1-D token arrays (train, validation) with EOS between documents,
+memory-mapped from ``prepare`` output or built in memory from the built-in corpus.
+
+Batches are random windows of ``seq_len + 1`` tokens, the packed-sequence sampling of
+nanoGPT and of GPT-2 (Radford et al., 2019). The windows of a batch are a pure function
+of ``(seed, stream, step)``, so a resumed run reads the same data as one that never
+stopped, and every process agrees on the global batch while building only the rows its
+devices hold (``jax.make_array_from_process_local_data``), which is how one program
+feeds one CPU or a multi-host pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxtrain.data.tokenizer import Tokenizer
+from jaxtrain.errors import UserError
+
+TRAIN_STREAM = 0
+EVAL_STREAM = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenDataset:
+    """Train and validation tokens, each a 1-D array with EOS after every document.
+
+    Attributes:
+      train: training tokens (may be a read-only ``np.memmap``).
+      validation: validation tokens (may be a read-only ``np.memmap``).
+      vocab_size: size of the vocabulary the ids come from.
+      eos_id: the document separator id.
+      source: where the tokens came from, for humans.
+    """
+
+    train: np.ndarray
+    validation: np.ndarray
+    vocab_size: int
+    eos_id: int
+    source: str
+
+
+def _file_sha256(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _check_tokenizer(meta: dict, tokenizer: Tokenizer, path: Path) -> None:
+    """Refuses a dataset that was tokenized with a different tokenizer."""
+    same = meta["vocab_size"] == tokenizer.vocab_size and meta["eos_id"] == tokenizer.eos_id
+    if same and meta["tokenizer"] != tokenizer.name:
+        # The same tokenizer.json may live at another path (a copied dataset, another
+        # host); its content hash decides.
+        digest = meta.get("tokenizer_sha256")
+        same = (
+            digest is not None
+            and tokenizer.name != "byte"
+            and digest == _file_sha256(tokenizer.name)
+        )
+    if not same:
+        raise UserError(
+            f"data.tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}) is not the "
+            f"tokenizer data.path {path} was prepared with ({meta['tokenizer']}, "
+            f"vocab {meta['vocab_size']})"
+        )
+
+
+def open_dataset(path: str, tokenizer: Tokenizer) -> TokenDataset:
+    """Opens the dataset named by the ``data.path`` config value.
+
+    Args:
+      path: ``""`` for the built-in corpus, else a directory written by ``prepare``.
+      tokenizer: the run's tokenizer; it must be the one the data was prepared with.
+
+    Returns:
+      The dataset; prepared splits are memory-mapped read-only, never unpickled.
+
+    Raises:
+      UserError: the directory or its meta.json is missing or unreadable, or the data
+        was prepared with another tokenizer.
+    """
+    if path == "":
+        # Imported here: corpus.py imports TokenDataset from this module.
+        from jaxtrain.data.corpus import builtin_corpus
+
+        return builtin_corpus(tokenizer)
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.path: {root} does not exist or is not a directory")
+    meta_file = root / "meta.json"
+    if not meta_file.is_file():
+        raise UserError(
+            f"data.path: {meta_file} does not exist; create the dataset with `jaxtrain prepare`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != 1:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        _ = meta["vocab_size"], meta["eos_id"], meta["tokenizer"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"data.path: {meta_file} is not a jaxtrain meta.json ({e})") from None
+    _check_tokenizer(meta, tokenizer, root)
+
+    splits = {}
+    for split in ("train", "validation"):
+        file = root / f"{split}.npy"
+        try:
+            splits[split] = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"data.path: cannot read {file} ({e})") from None
+        if splits[split].ndim != 1:
+            raise UserError(f"data.path: {file} is not a 1-D token array")
+    return TokenDataset(
+        train=splits["train"],
+        validation=splits["validation"],
+        vocab_size=meta["vocab_size"],
+        eos_id=meta["eos_id"],
+        source=f"{root.absolute()} (tokenizer {meta['tokenizer']})",
+    )
+
+
+def sample_windows(
+    tokens: np.ndarray,
+    *,
+    seed: int,
+    step: int,
+    stream: int,
+    batch: int,
+    seq_len: int,
+    rows: range | None = None,
+) -> dict[str, np.ndarray]:
+    """Cuts ``batch`` random windows out of ``tokens``, deterministically.
+
+    Args:
+      tokens: a 1-D token array.
+      seed: the run's data seed.
+      step: the training step or eval batch index.
+      stream: separates independent streams of batches (train 0, eval 1).
+      batch: rows in the global batch.
+      seq_len: tokens per row.
+      rows: the rows to return; defaults to all. Row ``r`` is the same whatever
+        ``rows`` is, so processes can each build their own rows of one global batch.
+
+    Returns:
+      ``{"inputs": int32[len(rows), seq_len], "targets": int32[len(rows), seq_len]}``,
+      where ``targets`` is ``inputs`` shifted left by one token.
+
+    Raises:
+      UserError: ``tokens`` is shorter than one window of ``seq_len + 1``.
+    """
+    if len(tokens) < seq_len + 1:
+        raise UserError(
+            f"data.seq_len: {seq_len} needs windows of {seq_len + 1} tokens but the split "
+            f"has only {len(tokens)}"
+        )
+    rng = np.random.default_rng([seed, stream, step])
+    # Draw every row's offset before selecting rows, so row r never depends on `rows`.
+    offsets = rng.integers(0, len(tokens) - seq_len, size=batch)
+    if rows is not None:
+        offsets = offsets[np.asarray(rows, dtype=np.int64)]
+    windows = np.asarray(tokens[offsets[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> range:
+    """The batch rows (dimension 0) held by this process's devices.
+
+    Args:
+      sharding: the batch's sharding.
+      global_shape: the global batch shape.
+
+    Returns:
+      A contiguous range of row indices.
+    """
+    n = global_shape[0]
+    spans = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        start, stop, _ = index[0].indices(n) if index else (0, n, 1)
+        spans.add((start, stop))
+    spans = sorted(spans)
+    first, end = spans[0]
+    for start, stop in spans[1:]:
+        assert start <= end, f"this process's batch rows are not contiguous: {spans}"
+        end = max(end, stop)
+    return range(first, end)
+
+
+class Loader:
+    """Global train and eval batches, sharded over the mesh's data axes."""
+
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        *,
+        seed: int,
+        global_batch: int,
+        seq_len: int,
+        sharding: jax.sharding.NamedSharding,
+    ):
+        """Prepares to build batches.
+
+        Args:
+          dataset: the tokens.
+          seed: the data seed; with the step it fixes every batch.
+          global_batch: rows per batch across all processes.
+          seq_len: tokens per row.
+          sharding: the sharding of a ``(global_batch, seq_len)`` batch.
+        """
+        self.dataset = dataset
+        self.seed = seed
+        self.seq_len = seq_len
+        self.sharding = sharding
+        self.global_shape = (global_batch, seq_len)
+        self.rows = process_rows(sharding, self.global_shape)
+
+    def _batch(self, tokens: np.ndarray, stream: int, step: int) -> dict[str, jax.Array]:
+        local = sample_windows(
+            tokens,
+            seed=self.seed,
+            step=step,
+            stream=stream,
+            batch=self.global_shape[0],
+            seq_len=self.seq_len,
+            rows=self.rows,
+        )
+        return {
+            k: jax.make_array_from_process_local_data(self.sharding, v, self.global_shape)
+            for k, v in local.items()
+        }
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        """The training batch of ``step``: ``{"inputs", "targets"}``, int32[B, L]."""
+        return self._batch(self.dataset.train, TRAIN_STREAM, step)
+
+    def eval_batch(self, index: int) -> dict[str, jax.Array]:
+        """Validation batch number ``index``: ``{"inputs", "targets"}``, int32[B, L]."""
+        return self._batch(self.dataset.validation, EVAL_STREAM, index)

@@ -1,0 +1,5 @@
+"""Compute kernels behind a switch, each with a plain-JAX reference twin."""
+
+from jaxtrain.kernels.attention import IMPLS, attention, xla_attention
+
+__all__ = ["IMPLS", "attention", "xla_attention"]

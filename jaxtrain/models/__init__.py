@@ -1,0 +1,30 @@
+"""Model families, looked up by ``model.family``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from jaxtrain.config import ModelConfig
+from jaxtrain.errors import UserError
+from jaxtrain.models.layers import Shard, no_shard
+from jaxtrain.models.llama import Llama
+
+FAMILIES: dict[str, Callable[..., nnx.Module]] = {"llama": Llama}
+
+
+def build(cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = no_shard) -> nnx.Module:
+    """Construct the model named by ``cfg.family``.
+
+    Raises:
+        UserError: for an unknown family.
+    """
+    if cfg.family not in FAMILIES:
+        raise UserError(
+            f"model.family: unknown model {cfg.family!r} (known: {', '.join(FAMILIES)})"
+        )
+    return FAMILIES[cfg.family](cfg, rngs=rngs, shard=shard)
+
+
+__all__ = ["FAMILIES", "Llama", "build"]

@@ -1,0 +1,86 @@
+"""THE logical-axis -> mesh-axis table, and its presets.
+
+Models name their dimensions logically (``("embed", "mlp")``); only this file knows the
+mesh. A preset is a named pair of rule sets: one for parameters (and activations), one
+for optimizer state. In ZeRO terms (Rajbhandari et al., 2020):
+
+- ``dp``: plain data parallelism; everything replicated, the batch split.
+- ``fsdp``: ZeRO-3; parameters and optimizer state split over ``fsdp`` on ``embed``.
+- ``fsdp_tp``: ``fsdp`` plus Megatron tensor parallelism (Shoeybi et al., 2019) on
+  heads, MLP and vocabulary.
+- ``zero1``: parameters replicated, optimizer state split over ``data`` and ``fsdp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Logical names that may appear on activations; the same in every preset.
+_ACTIVATIONS: dict[str, MeshAxes] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+_REPLICATED: dict[str, MeshAxes] = {
+    "layers": None,
+    "vocab": None,
+    "embed": None,
+    "mlp": None,
+    "heads": None,
+    "kv_heads": None,
+    "head_dim": None,
+    "norm": None,
+}
+
+_ZERO3 = _REPLICATED | {"embed": "fsdp"}
+_ZERO3_TP = _ZERO3 | {"vocab": "tensor", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor"}
+_ZERO1_OPT = _REPLICATED | {"embed": ("data", "fsdp")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Logical axis -> mesh axes, for parameters and activations and for optimizer state."""
+
+    params: tuple[tuple[str, MeshAxes], ...]
+    opt_state: tuple[tuple[str, MeshAxes], ...]
+
+    def lookup(self, name: str | None, *, for_opt_state: bool = False) -> MeshAxes:
+        """The mesh axes for logical ``name``; ``None`` means not sharded.
+
+        Raises:
+            KeyError: if ``name`` is not in the table.
+        """
+        if name is None:
+            return None
+        table = dict(self.opt_state if for_opt_state else self.params)
+        if name not in table:
+            raise KeyError(name)
+        return table[name]
+
+
+def _rules(params: dict[str, MeshAxes], opt_state: dict[str, MeshAxes] | None = None) -> Rules:
+    opt_state = params if opt_state is None else opt_state
+    return Rules(
+        params=tuple((params | _ACTIVATIONS).items()),
+        opt_state=tuple((opt_state | _ACTIVATIONS).items()),
+    )
+
+
+PRESETS: dict[str, Rules] = {
+    "dp": _rules(_REPLICATED),
+    "fsdp": _rules(_ZERO3),
+    "fsdp_tp": _rules(_ZERO3_TP),
+    "zero1": _rules(_REPLICATED, _ZERO1_OPT),
+}
+
+
+def preset(name: str) -> Rules:
+    """The rules of a named preset (``dp``, ``fsdp``, ``fsdp_tp``, ``zero1``)."""
+    return PRESETS[name]

@@ -1,0 +1,103 @@
+"""The train state and how it is born sharded.
+
+``jax.eval_shape`` gives the abstract model; the rules table turns its logical axes into
+NamedShardings; ``jax.jit(init, out_shardings=...)`` then creates every array directly
+in its shards, so no full copy of the parameters ever exists on one device. The same
+abstract tree (shapes, dtypes, shardings) is the target for a checkpoint restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtrain import models
+from jaxtrain.config import Config
+from jaxtrain.sharding import (
+    ActivationSharding,
+    Rules,
+    opt_state_shardings,
+    param_logical_axes,
+    tree_shardings,
+)
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree and nothing else."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model reduced to what the pure step needs: its graph and its parameter layout."""
+
+    graphdef: Any
+    abstract_params: Any
+    logical: Any
+    param_shardings: Any
+
+    def apply(self, params: Any, tokens: jax.Array, **kwargs: Any) -> jax.Array:
+        """Run the model on a pure-dict ``params`` tree."""
+        return nnx.merge(self.graphdef, params)(tokens, **kwargs)
+
+
+def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec:
+    """Build the model abstractly (no memory) and resolve its parameter shardings."""
+    shard = ActivationSharding(mesh, rules) if mesh is not None else models.no_shard
+    abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0), shard=shard))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    logical = param_logical_axes(state)
+    abstract_params = nnx.to_pure_dict(state)
+    shardings = None if mesh is None else tree_shardings(abstract_params, logical, mesh, rules)
+    return ModelSpec(graphdef, abstract_params, logical, shardings)
+
+
+def _init_fn(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation) -> Callable:
+    def init() -> TrainState:
+        model = models.build(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1),
+        )
+
+    return init
+
+
+def state_shardings(
+    cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+) -> tuple[TrainState, TrainState]:
+    """(abstract state, its NamedShardings), without allocating anything."""
+    abstract = jax.eval_shape(_init_fn(cfg, spec, tx))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(
+        step=replicated,
+        params=spec.param_shardings,
+        opt_state=opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules),
+        rng=replicated,
+    )
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return abstract, shardings
+
+
+def create_state(
+    cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """Initialise the train state directly into ``shardings``."""
+    return jax.jit(_init_fn(cfg, spec, tx), out_shardings=shardings)()
