@@ -178,12 +178,12 @@ class DataConfig:
 class TrainConfig:
     """Length of the run, batch size, accumulation and how often to log and evaluate."""
 
-    steps: int = 300
+    steps: int = 250
     global_batch: int = 16
     microbatches: int = 1
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 4
 
     def __post_init__(self) -> None:

@@ -1,0 +1,109 @@
+"""The ``jaxtrain`` command: ``train``, ``plan`` and ``prepare``.
+
+A mistake the user can fix (bad config, missing data, unknown model) ends with one line
+on stderr and exit status 2; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jaxtrain.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxtrain", description="Train Transformer models with JAX/XLA SPMD."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="YAML config (default: the tiny CPU model)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a dotted config key, e.g. --set train.steps=20",
+        )
+
+    train = sub.add_parser("train", help="train a model")
+    config_args(train)
+    train.add_argument("--dry-run", action="store_true", help="print the sharding plan and exit")
+    plan = sub.add_parser("plan", help="print the sharding plan of a config and exit")
+    config_args(plan)
+
+    prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet into token files")
+    prep.add_argument("--input", nargs="+", required=True, metavar="PATH")
+    prep.add_argument("--output", required=True, metavar="DIR")
+    prep.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path")
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from jaxtrain import config
+
+    cfg = config.load(args.config, args.overrides)
+    # Off a terminal (logs, CI, pipes) keep lines and tables whole instead of wrapping at 80.
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    if not out.is_terminal:
+        out = Console(soft_wrap=True, width=200)
+    if args.command == "plan" or args.dry_run:
+        from jaxtrain.plan import print_plan
+
+        print_plan(cfg, out)
+        return 0
+    from jaxtrain.train.loop import train
+
+    out.print("resolved config:", style="bold")
+    out.print(cfg.to_yaml(), highlight=False, markup=False)
+    result = train(cfg, err)
+    evals = result.eval_losses
+    if evals:
+        first, last = min(evals), max(evals)
+        out.print(
+            f"validation loss: {evals[first]:.4f} (step {first}) -> {evals[last]:.4f} "
+            f"(step {last})",
+            highlight=False,
+        )
+    out.print(f"run directory: {result.run_dir}", highlight=False, markup=False)
+    out.print(f"  metrics:     {result.metrics_path}", highlight=False, markup=False)
+    out.print(f"  tensorboard: {result.tensorboard_dir}", highlight=False, markup=False)
+    out.print(f"  parameters:  {result.params_dir}", highlight=False, markup=False)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from jaxtrain.data import prepare
+
+    summary = prepare(
+        args.input, args.output, args.tokenizer, val_fraction=args.val_fraction, seed=args.seed
+    )
+    splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in summary["splits"].items())
+    print(f"wrote {args.output} ({splits}); use it with --set data.path={args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            return _prepare(args)
+        return _train(args)
+    except UserError as err:
+        print(f"jaxtrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

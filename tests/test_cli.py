@@ -1,0 +1,161 @@
+"""The ``jaxtrain`` command end to end, in subprocesses: a short training run writes its
+files, and user mistakes end in one clear line on stderr and a non-zero exit."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxtrain import config
+
+SMALL = [
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.d_model=64",
+    "--set",
+    "model.mlp_dim=128",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "train.global_batch=8",
+]
+
+
+def jaxtrain(*args, cwd=None, timeout=300):
+    exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+def test_train_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = jaxtrain(
+        "train",
+        *SMALL,
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=3",
+        "--set",
+        f"run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert 0 < rows[-1]["mfu"] < 1 and rows[-1]["tokens_per_sec"] > 0
+    assert "eval_loss" in rows[-1]
+    saved = config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved.train.steps == 3 and saved.model.d_model == 64 and saved.mesh.fsdp == -1
+    assert "steps: 3" in proc.stdout  # the resolved config is printed
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "params").is_dir()
+    assert str(run_dir / "metrics.jsonl") in proc.stdout
+
+
+def test_plan_prints_every_parameter():
+    proc = jaxtrain("plan", *SMALL, "--set", "mesh.preset=fsdp_tp", "--set", "mesh.tensor=2")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("embed", "blocks/mlp/w_gate", "'fsdp', 'tensor'", "per device", "optimizer"):
+        assert text in proc.stdout, text
+
+
+def test_prepare_then_train(tmp_path):
+    (tmp_path / "a.txt").write_text("def hello():\n    return 'world'\n" * 200)
+    docs = [json.dumps({"text": f"document number {i} " * 30}) for i in range(20)]
+    (tmp_path / "b.jsonl").write_text("\n".join(docs))
+    out = tmp_path / "tokens"
+    proc = jaxtrain(
+        "prepare",
+        "--input",
+        str(tmp_path / "a.txt"),
+        str(tmp_path / "b.jsonl"),
+        "--output",
+        str(out),
+        "--val-fraction",
+        "0.2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "meta.json").is_file() and (out / "train.npy").is_file()
+    proc = jaxtrain(
+        "train",
+        *SMALL,
+        "--set",
+        "train.steps=2",
+        "--set",
+        f"data.path={out}",
+        "--set",
+        "data.seq_len=16",
+        "--set",
+        f"run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_plan_of_shipped_8b_config():
+    root = Path(__file__).resolve().parents[1]
+    proc = jaxtrain("plan", str(root / "configs" / "llama3-8b.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "preset fsdp" in proc.stdout and "GiB per device" in proc.stdout
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """The README's first command: `jaxtrain train` with no arguments, as a user runs it
+    (one CPU device, no XLA flags), finishes, learns and says where its outputs are."""
+    exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [exe, "train"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 5 and evals[-1] < evals[0] - 0.3 and evals[-1] < 2.5, evals
+    for name in ("metrics.jsonl", "tensorboard", "params"):
+        assert str(run_dir / name) in proc.stdout, name
+
+
+BAD_INPUTS = {
+    "unknown key": (["--set", "model.n_layerz=2"], "model.n_layerz"),
+    "wrong type": (["--set", "train.steps=many"], "train.steps"),
+    "mesh product": (["--set", "mesh.fsdp=3"], "mesh"),
+    "heads vs tensor": (
+        ["--set", "mesh.preset=fsdp_tp", "--set", "mesh.tensor=8", "--set", "mesh.fsdp=1"],
+        "model.n_heads",
+    ),
+    "batch vs data axes": (["--set", "train.global_batch=12"], "train.global_batch"),
+    "seq over max positions": (["--set", "data.seq_len=2048"], "data.seq_len"),
+    "missing data path": (["--set", "data.path=/nonexistent/tokens"], "data.path"),
+    "unknown model": (["--set", "model.family=gpt9"], "model.family"),
+    "missing config file": (["/nonexistent/config.yaml"], "config file"),
+    "bad override syntax": (["--set", "train.steps"], "--set train.steps"),
+    "missing tokenizer": (
+        ["--set", "data.tokenizer=/nonexistent/tokenizer.json"],
+        "data.tokenizer",
+    ),
+    "vocab too small": (["--set", "model.vocab_size=128"], "model.vocab_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(case, tmp_path):
+    args, key = BAD_INPUTS[case]
+    proc = jaxtrain("train", *args, "--set", f"run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("jaxtrain: error: ") and key in lines[0], lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
