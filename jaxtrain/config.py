@@ -24,7 +24,7 @@ from jaxtrain.errors import UserError
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "chunked")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -51,7 +51,7 @@ class ModelConfig:
     remat: str = "none"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    attention: str = "xla"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):

@@ -64,11 +64,22 @@ def test_train_end_to_end(tmp_path):
     assert str(run_dir / "metrics.jsonl") in proc.stdout
 
 
-def test_plan_prints_every_parameter():
-    proc = jaxtrain("plan", *SMALL, "--set", "mesh.preset=fsdp_tp", "--set", "mesh.tensor=2")
+@pytest.mark.parametrize("command", [["plan"], ["train", "--dry-run"]])
+def test_plan_prints_every_parameter(command, tmp_path):
+    run_dir = tmp_path / "run"
+    layout = [
+        "--set",
+        "mesh.preset=fsdp_tp",
+        "--set",
+        "mesh.tensor=2",
+        "--set",
+        f"run.dir={run_dir}",
+    ]
+    proc = jaxtrain(*command, *SMALL, *layout)
     assert proc.returncode == 0, proc.stderr
     for text in ("embed", "blocks/mlp/w_gate", "'fsdp', 'tensor'", "per device", "optimizer"):
         assert text in proc.stdout, text
+    assert not run_dir.exists()  # planning trains nothing and writes nothing
 
 
 def test_prepare_then_train(tmp_path):

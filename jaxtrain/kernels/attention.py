@@ -1,5 +1,8 @@
 """Attention dispatch. ``impl="xla"`` is the plain-JAX reference: the specification that
-every faster implementation is tested against.
+every faster implementation is tested against. ``impl="chunked"`` is the same math
+computed block by block so that causal attention skips the key blocks a query block can
+never see (about half the work at long lengths); ``impl="auto"`` picks the fastest
+implementation that applies.
 
 Shapes: B batch, L query length, S key length, N query heads, K kv heads, H head dim.
 Grouped-query attention (Ainslie et al., 2023) is computed by viewing the N query heads
@@ -11,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla",)
+IMPLS = ("auto", "xla", "chunked")
+CHUNK = 128
 
 
 def _mask(
@@ -65,6 +69,45 @@ def xla_attention(
     return out.reshape(b, q_len, n, h)
 
 
+def chunked_causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    chunk: int = CHUNK,
+) -> jax.Array:
+    """Causal attention by query blocks: block i attends to keys [0, (i + 1) * chunk).
+
+    Same contract as :func:`xla_attention` with ``causal=True``; needs L == S and L
+    divisible by ``chunk``. Heads are moved in front of the length so every einsum is a
+    plain batched matmul.
+    """
+    b, length, n, h = q.shape
+    kv = k.shape[2]
+    scale = h**-0.5 if scale is None else scale
+    qh = q.transpose(0, 2, 1, 3).reshape(b, kv, n // kv, length, h)  # [B, K, G, L, H]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs = []
+    for i in range(length // chunk):
+        start, stop = i * chunk, (i + 1) * chunk
+        scores = jnp.einsum(
+            "BKGLH,BKSH->BKGLS",
+            qh[:, :, :, start:stop],
+            kh[:, :, :stop],
+            preferred_element_type=jnp.float32,
+        )
+        seg = None if segment_ids is None else segment_ids[:, start:stop]
+        keys_seg = None if segment_ids is None else segment_ids[:, :stop]
+        mask = _mask(chunk, stop, True, seg, keys_seg)
+        scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("BKGLS,BKSH->BKGLH", probs, vh[:, :, :stop]))
+    out = jnp.concatenate(outs, axis=3).reshape(b, n, length, h)
+    return out.transpose(0, 2, 1, 3)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -73,9 +116,19 @@ def attention(
     segment_ids: jax.Array | None = None,
     causal: bool = True,
     scale: float | None = None,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> jax.Array:
-    """Dispatch attention to an implementation; see :func:`xla_attention` for the contract."""
-    if impl == "xla":
+    """Dispatch attention to an implementation; see :func:`xla_attention` for the contract.
+
+    ``auto`` uses ``chunked`` where it applies (causal, equal query and key lengths, a
+    length that is a multiple of, and longer than, the block) and the reference elsewhere.
+    """
+    length = q.shape[1]
+    chunkable = causal and k.shape[1] == length and length % CHUNK == 0 and length > CHUNK
+    if impl == "chunked" or (impl == "auto" and chunkable):
+        if not chunkable:
+            raise ValueError(f"chunked attention needs causal, L == S, L % {CHUNK} == 0")
+        return chunked_causal_attention(q, k, v, segment_ids=segment_ids, scale=scale)
+    if impl in ("xla", "auto"):
         return xla_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
