@@ -11,24 +11,13 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from tiny import TINY
 
 from jaxtrain import config
 from jaxtrain.sharding import make_mesh, path_str
 from jaxtrain.train import build_program
 
-TINY = (
-    "model.n_layers=2",
-    "model.d_model=64",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.mlp_dim=128",
-    "model.vocab_size=128",
-    "data.seq_len=16",
-    "train.global_batch=8",
-    "train.steps=3",
-    "optim.warmup_steps=1",
-    "optim.lr=1e-3",
-)
+STEPS = (*TINY, "train.steps=3", "optim.warmup_steps=1", "optim.lr=1e-3")
 
 
 def random_batches(cfg, n):
@@ -42,7 +31,7 @@ def random_batches(cfg, n):
 
 
 def run(overrides, devices):
-    cfg = config.load(None, [*TINY, *overrides])
+    cfg = config.load(None, [*STEPS, *overrides])
     program = build_program(cfg, make_mesh(cfg, devices))
     state = program.init_state()
     losses = []

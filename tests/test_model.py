@@ -6,22 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import TINY
 
 from jaxtrain import config, models
 from jaxtrain.metrics import count_params
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program, model_spec
-
-TINY = [
-    "model.n_layers=2",
-    "model.d_model=64",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.mlp_dim=128",
-    "model.vocab_size=128",
-    "data.seq_len=16",
-    "train.global_batch=8",
-]
 
 
 def tiny(*extra):
