@@ -1,4 +1,4 @@
-"""The ``jaxtrain`` command: ``train``, ``plan`` and ``prepare``.
+"""The ``jaxtrain`` command: ``train``, ``plan``, ``prepare``, ``eval`` and ``export``.
 
 A mistake the user can fix (bad config, missing data, unknown model) ends with one line
 on stderr and exit status 2; only bugs show a traceback.
@@ -36,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the sharding plan of a config and exit")
     config_args(plan)
 
+    for name, text in (
+        ("eval", "validation loss of a run's newest checkpoint"),
+        ("export", "write a run's newest parameters (no optimizer state) for inference"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--run", required=True, metavar="DIR", help="a run directory")
+        if name == "export":
+            cmd.add_argument("--out", required=True, metavar="DIR")
+        cmd.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
+        )
+
     prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet into token files")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH")
     prep.add_argument("--output", required=True, metavar="DIR")
@@ -65,6 +77,14 @@ def _train(args: argparse.Namespace) -> int:
     out.print("resolved config:", style="bold")
     out.print(cfg.to_yaml(), highlight=False, markup=False)
     result = train(cfg, err)
+    if result.stopped_by_signal:
+        out.print(
+            f"stopped by {result.stopped_by_signal} at step {result.end_step}; checkpoint saved "
+            f"in {result.checkpoint_dir}; run the same command again to resume",
+            highlight=False,
+            markup=False,
+        )
+        return 0
     evals = result.eval_losses
     if evals:
         first, last = min(evals), max(evals)
@@ -77,6 +97,22 @@ def _train(args: argparse.Namespace) -> int:
     out.print(f"  metrics:     {result.metrics_path}", highlight=False, markup=False)
     out.print(f"  tensorboard: {result.tensorboard_dir}", highlight=False, markup=False)
     out.print(f"  parameters:  {result.params_dir}", highlight=False, markup=False)
+    out.print(f"  checkpoints: {result.checkpoint_dir}", highlight=False, markup=False)
+    return 0
+
+
+def _read_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from jaxtrain.train.runs import eval_run, export_run
+
+    err = Console(stderr=True, soft_wrap=True)
+    if args.command == "eval":
+        step, loss = eval_run(args.run, args.overrides, err)
+        print(f"step {step}: validation loss {loss:.4f}")
+    else:
+        step = export_run(args.run, args.out, args.overrides, err)
+        print(f"wrote the parameters of step {step} to {args.out}")
     return 0
 
 
@@ -96,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             return _prepare(args)
+        if args.command in ("eval", "export"):
+            return _read_run(args)
         return _train(args)
     except UserError as err:
         print(f"jaxtrain: error: {err}", file=sys.stderr)

@@ -1,10 +1,10 @@
 """Typed, frozen run configuration: YAML in, dotted ``--set`` overrides, one-line errors.
 
 A config is a tree of frozen dataclasses (``model``, ``mesh``, ``optim``, ``data``,
-``train``, ``run``). The defaults are the tiny CPU model that ``jaxtrain train`` trains
-with no arguments; ``configs/tiny.yaml`` spells the same values out. Every field is
-checked on load: unknown keys, wrong types and impossible combinations raise
-:class:`~jaxtrain.errors.UserError` with a message that names the key.
+``train``, ``checkpoint``, ``run``). The defaults are the tiny CPU model that
+``jaxtrain train`` trains with no arguments; ``configs/tiny.yaml`` spells the same values
+out. Every field is checked on load: unknown keys, wrong types and impossible
+combinations raise :class:`~jaxtrain.errors.UserError` with a message that names the key.
 """
 
 from __future__ import annotations
@@ -201,6 +201,20 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the whole train state under ``<run.dir>/checkpoints``."""
+
+    every: int = 100
+    keep: int = 3
+    resume: bool = True
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Where the run writes its config, metrics, TensorBoard logs and parameters."""
 
@@ -219,6 +233,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
 
     def __post_init__(self) -> None:

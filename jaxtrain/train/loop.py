@@ -1,8 +1,10 @@
-"""The host loop: mesh -> data -> program -> state -> compile -> train (log, eval) -> save.
+"""The host loop: mesh -> data -> program -> restore or init -> compile -> train (log,
+eval, checkpoint) -> save.
 
 Everything device-side happens in the compiled step; this file only feeds it batches,
-reads metrics back at logging steps (never every step, so dispatch stays asynchronous),
-and writes files.
+reads metrics back at logging and checkpoint steps (never every step, so dispatch stays
+asynchronous), writes files, and turns SIGTERM/SIGINT into "checkpoint at the next step
+boundary, then exit".
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from rich.console import Console
 
+from jaxtrain.checkpoint import Checkpointer, check_fresh_run_dir
 from jaxtrain.config import Config
 from jaxtrain.data import Loader, load_tokenizer, open_dataset
 from jaxtrain.errors import UserError
@@ -32,6 +38,10 @@ from jaxtrain.metrics import (
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train.program import Program, build_program
 
+# Seconds to pause after every step. Only for tests that must interrupt a run at a
+# chosen point from outside (a real SIGKILL or SIGTERM); unset in normal use.
+STEP_DELAY_ENV = "JAXTRAIN_DEBUG_STEP_DELAY"
+
 
 class TrainingDiverged(UserError):
     """The loss or gradient norm became NaN or infinite."""
@@ -39,14 +49,18 @@ class TrainingDiverged(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What a finished run leaves behind."""
+    """What a finished (or signal-stopped) run leaves behind."""
 
     run_dir: Path
     metrics_path: Path
     tensorboard_dir: Path
     params_dir: Path
+    checkpoint_dir: Path
     final_loss: float
     eval_losses: dict[int, float]
+    start_step: int
+    end_step: int
+    stopped_by_signal: str | None = None
 
 
 def evaluate(program: Program, params: Any, loader: Loader, batches: int) -> float:
@@ -74,22 +88,56 @@ def _memory_report(compiled: Any) -> str:
 
 def _check_finite(first_step: int, pending: list[dict[str, Any]]) -> None:
     for offset, metrics in enumerate(pending):
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "param_norm"):
             if not math.isfinite(float(metrics[key])):
                 raise TrainingDiverged(
                     f"training diverged: {key} is {float(metrics[key])} at step "
-                    f"{first_step + offset + 1}"
+                    f"{first_step + offset + 1}; no checkpoint was written of it"
                 )
 
 
+class StopSignals:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _trim_metrics(path: Path, keep_through: int) -> None:
+    """Drop logged rows after the step a resumed run restarts from (they are redone)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line]
+    kept = [line for line in rows if json.loads(line)["step"] <= keep_through]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def train(cfg: Config, console: Console | None = None) -> RunResult:
-    """Run ``cfg`` to completion and return where its outputs are.
+    """Run ``cfg`` to completion (resuming its run directory) and return its outputs.
 
     Raises:
-        UserError: for bad data paths, impossible layouts, or a diverged run.
+        UserError: for bad data paths, impossible layouts, unreadable checkpoints, or a
+            diverged run.
     """
     console = console or Console(stderr=True)
     run_dir = Path(cfg.run.dir).resolve()
+    if not cfg.checkpoint.resume:
+        check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
@@ -102,9 +150,6 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         )
     dataset = open_dataset(cfg.data.path, tokenizer)
     program = build_program(cfg, mesh)
-    if is_main:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     loader = Loader(
         dataset,
         seed=cfg.train.seed,
@@ -112,7 +157,6 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         seq_len=cfg.data.seq_len,
         sharding=program.batch_sharding,
     )
-
     n_params = count_params(program.spec.abstract_params)
     console.print(
         f"model: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} "
@@ -120,56 +164,97 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         f"data: {dataset.source}",
         highlight=False,
     )
-    state = program.init_state()
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    restored = None
+    if cfg.checkpoint.resume:
+        restored = checkpointer.restore_latest(program.abstract_state, console)
+    if restored is None:
+        state, start = program.init_state(), 0
+    else:
+        state, start = restored[0], int(restored[1]["step"])
+        console.print(f"resumed from {checkpointer.directory / str(start)} (step {start})")
+    if is_main:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        _trim_metrics(run_dir / "metrics.jsonl", start)
+
     compiled, compile_s = program.compile()
     console.print(f"compiled train step in {compile_s:.1f}s; {_memory_report(compiled)}")
 
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     step_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops(list(mesh.devices.flat))
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     writer = MetricsWriter(run_dir, enabled=is_main)
     progress = ProgressDisplay(console, cfg.train.steps)
     eval_losses: dict[int, float] = {}
     pending: list[dict[str, Any]] = []
-    last_loss = math.nan
-    window_start, window_step = time.perf_counter(), 0
+    last_loss, done = math.nan, start
+    window_start, window_step = time.perf_counter(), start
+    every = cfg.checkpoint.every
     try:
-        for step in range(cfg.train.steps):
-            state, metrics = compiled(state, loader.train_batch(step))
-            pending.append(metrics)
-            done = step + 1
-            if done % cfg.train.log_every and done != cfg.train.steps:
-                continue
-            pending = jax.device_get(pending)
-            _check_finite(done - len(pending), pending)
-            elapsed = time.perf_counter() - window_start
-            step_time = elapsed / (done - window_step)
-            record = {k: float(v) for k, v in pending[-1].items()}
-            record |= {
-                "step_time_s": step_time,
-                "tokens_per_sec": tokens_per_step / step_time,
-                "mfu": step_flops / step_time / peak if peak else None,
-            }
-            every = cfg.train.eval_every
-            if every and (done % every == 0 or done == cfg.train.steps):
-                eval_losses[done] = record["eval_loss"] = evaluate(
-                    program, state.params, loader, cfg.train.eval_batches
-                )
-                progress.note(f"step {done}: validation loss {record['eval_loss']:.4f}")
-            writer.write(done, record)
-            progress.update(done, record)
-            last_loss = record["loss"]
-            pending = []
-            window_start, window_step = time.perf_counter(), done
+        with StopSignals() as signals:
+            for step in range(start, cfg.train.steps):
+                state, metrics = compiled(state, loader.train_batch(step))
+                pending.append(metrics)
+                done = step + 1
+                if delay:
+                    jax.block_until_ready(metrics)
+                    time.sleep(delay)
+                last = done == cfg.train.steps
+                save = (every and done % every == 0) or last or signals.received
+                if save:
+                    # Never checkpoint a state that went through a non-finite step.
+                    pending = jax.device_get(pending)
+                    _check_finite(done - len(pending), pending)
+                    checkpointer.save(done, state, cfg)
+                if done % cfg.train.log_every == 0 or last or signals.received:
+                    pending = jax.device_get(pending)
+                    _check_finite(done - len(pending), pending)
+                    elapsed = time.perf_counter() - window_start
+                    step_time = elapsed / (done - window_step)
+                    record = {k: float(v) for k, v in pending[-1].items()}
+                    record |= {
+                        "step_time_s": step_time,
+                        "tokens_per_sec": tokens_per_step / step_time,
+                        "mfu": step_flops / step_time / peak if peak else None,
+                    }
+                    eval_every = cfg.train.eval_every
+                    if eval_every and (done % eval_every == 0 or last):
+                        eval_losses[done] = record["eval_loss"] = evaluate(
+                            program, state.params, loader, cfg.train.eval_batches
+                        )
+                        progress.note(f"step {done}: validation loss {record['eval_loss']:.4f}")
+                    writer.write(done, record)
+                    progress.update(done, record)
+                    last_loss = record["loss"]
+                    pending = []
+                    window_start, window_step = time.perf_counter(), done
+                if signals.received:
+                    break
+            checkpointer.wait()
     finally:
         progress.close()
         writer.close()
+        checkpointer.close()
 
     params_dir = run_dir / "params"
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, state.params, force=True)
-    checkpointer.wait_until_finished()
-    return RunResult(run_dir, writer.jsonl_path, writer.tb_dir, params_dir, last_loss, eval_losses)
+    if signals.received is None:
+        saver = ocp.StandardCheckpointer()
+        saver.save(params_dir, state.params, force=True)
+        saver.wait_until_finished()
+    return RunResult(
+        run_dir,
+        writer.jsonl_path,
+        writer.tb_dir,
+        params_dir,
+        checkpointer.directory,
+        last_loss,
+        eval_losses,
+        start,
+        done,
+        signals.received,
+    )
 
 
 def loss_curve(metrics_path: Path) -> tuple[np.ndarray, np.ndarray]:

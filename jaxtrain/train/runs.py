@@ -1,0 +1,76 @@
+"""Read a finished or running run back: ``jaxtrain eval`` and ``jaxtrain export``.
+
+Both load the run's saved ``config.yaml``, build the program on the current devices
+(any mesh: the checkpoint is resharded on restore) and read the newest readable
+checkpoint exactly as auto-resume does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from rich.console import Console
+
+from jaxtrain import config
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.data import Loader, load_tokenizer, open_dataset
+from jaxtrain.errors import UserError
+from jaxtrain.sharding import make_mesh
+from jaxtrain.train.loop import evaluate
+from jaxtrain.train.program import Program, build_program
+
+
+def load_run(
+    run: str, overrides: Sequence[str], console: Console
+) -> tuple[config.Config, Program, Any, int]:
+    """(config, program, restored state, step) of the newest checkpoint of ``run``.
+
+    Raises:
+        UserError: if ``run`` is not a run directory or has no readable checkpoint.
+    """
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--run: {run} is not a run directory (no config.yaml)")
+    cfg = config.load(str(run_dir / "config.yaml"), overrides)
+    program = build_program(cfg, make_mesh(cfg))
+    restored = Checkpointer(run_dir / "checkpoints", cfg.checkpoint).restore_latest(
+        program.abstract_state, console
+    )
+    if restored is None:
+        raise UserError(f"--run: {run} has no checkpoint yet")
+    state, meta = restored
+    return cfg, program, state, int(meta["step"])
+
+
+def eval_run(run: str, overrides: Sequence[str], console: Console) -> tuple[int, float]:
+    """(step, validation loss) of the newest checkpoint of ``run``."""
+    cfg, program, state, step = load_run(run, overrides, console)
+    dataset = open_dataset(cfg.data.path, load_tokenizer(cfg.data.tokenizer))
+    loader = Loader(
+        dataset,
+        seed=cfg.train.seed,
+        global_batch=cfg.train.global_batch,
+        seq_len=cfg.data.seq_len,
+        sharding=program.batch_sharding,
+    )
+    return step, evaluate(program, state.params, loader, cfg.train.eval_batches)
+
+
+def export_run(run: str, out: str, overrides: Sequence[str], console: Console) -> int:
+    """Write the parameters (no optimizer state) of ``run``'s newest checkpoint to
+    ``out`` as an Orbax checkpoint; return the step.
+
+    Raises:
+        UserError: if ``out`` exists and is not empty.
+    """
+    target = Path(out).resolve()
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"--out: {out} exists and is not empty")
+    _, _, state, step = load_run(run, overrides, console)
+    saver = ocp.StandardCheckpointer()
+    saver.save(target, state.params, force=True)
+    saver.wait_until_finished()
+    return step
