@@ -31,6 +31,7 @@ class Checkpointer:
         self.directory = directory
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
+            keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save,
             create=True,
             cleanup_tmp_directories=True,

@@ -206,12 +206,14 @@ class CheckpointConfig:
 
     every: int = 100
     keep: int = 3
+    keep_every: int = 0
     resume: bool = True
     async_save: bool = True
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
         _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: none kept)")
 
 
 @dataclasses.dataclass(frozen=True)

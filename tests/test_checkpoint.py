@@ -242,6 +242,14 @@ def test_divergence_stops_without_checkpointing_the_broken_state(tmp_path):
     assert committed(tmp_path)[-1] == bad_step - 1  # ...and the broken one was not
 
 
+def test_keeps_the_newest_plus_every_nth(tmp_path):
+    cfg = small_config(
+        tmp_path, "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.keep_every=4"
+    )
+    train(cfg, Console(quiet=True))
+    assert committed(tmp_path) == [4, 8, 10, 12]
+
+
 def test_resume_false_refuses_an_existing_run(tmp_path):
     train(small_config(tmp_path, "train.steps=3"), Console(quiet=True))
     with pytest.raises(UserError, match="run.dir"):

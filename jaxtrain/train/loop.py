@@ -150,13 +150,7 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         )
     dataset = open_dataset(cfg.data.path, tokenizer)
     program = build_program(cfg, mesh)
-    loader = Loader(
-        dataset,
-        seed=cfg.train.seed,
-        global_batch=cfg.train.global_batch,
-        seq_len=cfg.data.seq_len,
-        sharding=program.batch_sharding,
-    )
+    loader = program.loader(dataset)
     n_params = count_params(program.spec.abstract_params)
     console.print(
         f"model: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} "

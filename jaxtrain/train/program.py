@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxtrain.config import Config
+from jaxtrain.data import Loader, TokenDataset
 from jaxtrain.sharding import Rules, partition_spec, preset
 from jaxtrain.train.optim import make_optimizer
 from jaxtrain.train.state import ModelSpec, TrainState, create_state, model_spec, state_shardings
@@ -49,6 +50,18 @@ class Program:
         shape = (rows or cfg.train.global_batch, cfg.data.seq_len)
         arr = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
         return {"inputs": arr, "targets": arr}
+
+    def loader(self, dataset: TokenDataset) -> Loader:
+        """The batch loader for ``dataset``: this config's seed, batch and length, batches
+        laid out in this program's batch sharding."""
+        cfg = self.config
+        return Loader(
+            dataset,
+            seed=cfg.train.seed,
+            global_batch=cfg.train.global_batch,
+            seq_len=cfg.data.seq_len,
+            sharding=self.batch_sharding,
+        )
 
     def compile(self) -> tuple[Any, float]:
         """Lower and compile the train step before step 1; return (compiled, seconds)."""

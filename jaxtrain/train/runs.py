@@ -16,7 +16,7 @@ from rich.console import Console
 
 from jaxtrain import config
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.data import Loader, load_tokenizer, open_dataset
+from jaxtrain.data import load_tokenizer, open_dataset
 from jaxtrain.errors import UserError
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train.loop import evaluate
@@ -49,13 +49,7 @@ def eval_run(run: str, overrides: Sequence[str], console: Console) -> tuple[int,
     """(step, validation loss) of the newest checkpoint of ``run``."""
     cfg, program, state, step = load_run(run, overrides, console)
     dataset = open_dataset(cfg.data.path, load_tokenizer(cfg.data.tokenizer))
-    loader = Loader(
-        dataset,
-        seed=cfg.train.seed,
-        global_batch=cfg.train.global_batch,
-        seq_len=cfg.data.seq_len,
-        sharding=program.batch_sharding,
-    )
+    loader = program.loader(dataset)
     return step, evaluate(program, state.params, loader, cfg.train.eval_batches)
 
 
