@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model")
     config_args(train)
+    train.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="multi-process: process 0's address"
+    )
+    train.add_argument("--num-processes", type=int, help="multi-process: how many processes")
+    train.add_argument("--process-id", type=int, help="multi-process: this process's rank")
     train.add_argument("--dry-run", action="store_true", help="print the sharding plan and exit")
     plan = sub.add_parser("plan", help="print the sharding plan of a config and exit")
     config_args(plan)
@@ -72,8 +77,10 @@ def _train(args: argparse.Namespace) -> int:
 
         print_plan(cfg, out)
         return 0
+    from jaxtrain import distributed
     from jaxtrain.train.loop import train
 
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     out.print("resolved config:", style="bold")
     out.print(cfg.to_yaml(), highlight=False, markup=False)
     result = train(cfg, err)

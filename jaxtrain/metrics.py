@@ -40,7 +40,7 @@ PEAK_FLOPS = {
 @functools.lru_cache(maxsize=1)
 def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
     """The host's float32 matmul FLOP/s: the best of ``repeats`` ``size``-cubed matmuls."""
-    device = jax.devices("cpu")[0]
+    device = jax.local_devices(backend="cpu")[0]
     a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
     matmul = jax.jit(jnp.matmul)
     matmul(a, a).block_until_ready()

@@ -158,6 +158,7 @@ BAD_INPUTS = {
         "data.tokenizer",
     ),
     "vocab too small": (["--set", "model.vocab_size=128"], "model.vocab_size"),
+    "partial multi-process settings": (["--coordinator", "127.0.0.1:1"], "--coordinator"),
 }
 
 

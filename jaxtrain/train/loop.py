@@ -135,6 +135,8 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
             diverged run.
     """
     console = console or Console(stderr=True)
+    if jax.process_index() != 0:
+        console = Console(quiet=True)  # one process speaks for the run
     run_dir = Path(cfg.run.dir).resolve()
     if not cfg.checkpoint.resume:
         check_fresh_run_dir(run_dir)
