@@ -199,14 +199,14 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
                     time.sleep(delay)
                 last = done == cfg.train.steps
                 save = (every and done % every == 0) or last or signals.received
+                log = done % cfg.train.log_every == 0 or last or signals.received
+                if save or log:
+                    # Never checkpoint or log past a non-finite step.
+                    pending = jax.device_get(pending)
+                    _check_finite(done - len(pending), pending)
                 if save:
-                    # Never checkpoint a state that went through a non-finite step.
-                    pending = jax.device_get(pending)
-                    _check_finite(done - len(pending), pending)
                     checkpointer.save(done, state, cfg)
-                if done % cfg.train.log_every == 0 or last or signals.received:
-                    pending = jax.device_get(pending)
-                    _check_finite(done - len(pending), pending)
+                if log:
                     elapsed = time.perf_counter() - window_start
                     step_time = elapsed / (done - window_step)
                     record = {k: float(v) for k, v in pending[-1].items()}

@@ -43,7 +43,7 @@ class Program:
 
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its shardings."""
-        return create_state(self.config, self.spec, self.tx, self.state_shardings)
+        return create_state(self.config, self.tx, self.state_shardings)
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         cfg = self.config

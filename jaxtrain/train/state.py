@@ -64,7 +64,7 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
     return ModelSpec(graphdef, abstract_params, logical, shardings)
 
 
-def _init_fn(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation) -> Callable:
+def _init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable:
     def init() -> TrainState:
         model = models.build(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -82,7 +82,7 @@ def state_shardings(
     cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
 ) -> tuple[TrainState, TrainState]:
     """(abstract state, its NamedShardings), without allocating anything."""
-    abstract = jax.eval_shape(_init_fn(cfg, spec, tx))
+    abstract = jax.eval_shape(_init_fn(cfg, tx))
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
         step=replicated,
@@ -97,7 +97,7 @@ def state_shardings(
 
 
 def create_state(
-    cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState
+    cfg: Config, tx: optax.GradientTransformation, shardings: TrainState
 ) -> TrainState:
     """Initialise the train state directly into ``shardings``."""
-    return jax.jit(_init_fn(cfg, spec, tx), out_shardings=shardings)()
+    return jax.jit(_init_fn(cfg, tx), out_shardings=shardings)()
