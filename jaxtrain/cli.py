@@ -1,4 +1,5 @@
-"""The ``jaxtrain`` command: ``train``, ``plan``, ``prepare``, ``eval`` and ``export``.
+"""The ``jaxtrain`` command: ``train``, ``plan``, ``prepare``, ``eval``, ``export`` and
+``launch``.
 
 A mistake the user can fix (bad config, missing data, unknown model) ends with one line
 on stderr and exit status 2; only bugs show a traceback.
@@ -49,9 +50,29 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--run", required=True, metavar="DIR", help="a run directory")
         if name == "export":
             cmd.add_argument("--out", required=True, metavar="DIR")
+            cmd.add_argument(
+                "--format",
+                choices=("orbax", "hf"),
+                default="orbax",
+                help="orbax checkpoint, or a Hugging Face model directory (safetensors)",
+            )
         cmd.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
         )
+
+    launch = sub.add_parser(
+        "launch",
+        help="run a command as several processes on this machine (jax.distributed)",
+        description="Run `jaxtrain train ...` as N processes joined through 127.0.0.1, "
+        "e.g. jaxtrain launch --nproc 2 --devices-per-proc 4 -- train --set mesh.fsdp=8",
+    )
+    launch.add_argument("--nproc", type=int, required=True, help="number of processes")
+    launch.add_argument(
+        "--devices-per-proc", type=int, metavar="M", help="simulated CPU devices per process"
+    )
+    launch.add_argument(
+        "command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="e.g. -- train"
+    )
 
     prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet into token files")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH")
@@ -80,11 +101,15 @@ def _train(args: argparse.Namespace) -> int:
     from jaxtrain import distributed
     from jaxtrain.train.loop import train
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if distributed.initialize(args.coordinator, args.num_processes, args.process_id):
+        import jax
+
+        out.quiet = jax.process_index() != 0  # one process speaks for the run...
     out.print("resolved config:", style="bold")
     out.print(cfg.to_yaml(), highlight=False, markup=False)
     result = train(cfg, err)
     if result.stopped_by_signal:
+        out.quiet = False  # ...but every process says where it stopped
         out.print(
             f"stopped by {result.stopped_by_signal} at step {result.end_step}; checkpoint saved "
             f"in {result.checkpoint_dir}; run the same command again to resume",
@@ -118,8 +143,8 @@ def _read_run(args: argparse.Namespace) -> int:
         step, loss = eval_run(args.run, args.overrides, err)
         print(f"step {step}: validation loss {loss:.4f}")
     else:
-        step = export_run(args.run, args.out, args.overrides, err)
-        print(f"wrote the parameters of step {step} to {args.out}")
+        step = export_run(args.run, args.out, args.overrides, err, fmt=args.format)
+        print(f"wrote the parameters of step {step} to {args.out} ({args.format})")
     return 0
 
 
@@ -139,6 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             return _prepare(args)
+        if args.command == "launch":
+            from jaxtrain.launch import launch
+
+            command = (
+                args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+            )
+            return launch(command, args.nproc, devices_per_proc=args.devices_per_proc)
         if args.command in ("eval", "export"):
             return _read_run(args)
         return _train(args)

@@ -24,7 +24,8 @@ from jaxtrain.errors import UserError
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
-ATTENTION_IMPLS = ("auto", "xla", "chunked")
+NONFINITE_ACTIONS = ("stop", "skip")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -32,9 +33,45 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise UserError(f"{key}: {message}")
 
 
+ROPE_SCALINGS = ("none", "llama3")
+LLAMA_SWITCHES = ("qkv_bias", "qk_norm", "sliding_window")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling. ``kind: llama3`` is Llama 3.1's: wavelengths longer than
+    ``original_max_len / low_freq_factor`` are stretched by ``factor``, those shorter than
+    ``original_max_len / high_freq_factor`` are kept, and the band between is blended."""
+
+    kind: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self) -> None:
+        key = "model.rope_scaling"
+        _check(self.kind in ROPE_SCALINGS, f"{key}.kind", f"must be one of {ROPE_SCALINGS}")
+        _check(self.factor > 0, f"{key}.factor", "must be positive")
+        _check(self.low_freq_factor > 0, f"{key}.low_freq_factor", "must be positive")
+        _check(
+            self.high_freq_factor > self.low_freq_factor,
+            f"{key}.high_freq_factor",
+            f"must exceed {key}.low_freq_factor={self.low_freq_factor}",
+        )
+        _check(self.original_max_len > 0, f"{key}.original_max_len", "must be positive")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A LLaMA-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+    """A decoder-only Transformer of one ``family``.
+
+    ``llama`` is the LLaMA family (RMSNorm, RoPE, SwiGLU, grouped-query attention); its
+    switches give Qwen2 (``qkv_bias``), Qwen3 (``qk_norm``, ``head_dim``), Mistral
+    (``sliding_window``) and Llama 3.1 (``rope_scaling``). ``gpt2`` is GPT-2 (LayerNorm,
+    GELU MLP, learned positions, biases). ``init_from: hf:/path`` starts a fresh run from a
+    Hugging Face checkpoint directory.
+    """
 
     family: str = "llama"
     vocab_size: int = 512
@@ -52,22 +89,46 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention: str = "auto"
+    head_dim: int = 0  # 0: d_model // n_heads (filled in on load)
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int = 0  # 0: every earlier token is visible
+    rope_scaling: RopeScalingConfig = RopeScalingConfig()
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
         _check(self.max_seq_len > 0, "model.max_seq_len", "must be positive")
-        _check(
-            self.d_model % self.n_heads == 0,
-            "model.n_heads",
-            f"{self.n_heads} does not divide model.d_model={self.d_model}",
-        )
+        _check(self.head_dim >= 0, "model.head_dim", "must be positive (or 0: d_model / n_heads)")
+        if self.head_dim == 0:
+            _check(
+                self.d_model % self.n_heads == 0,
+                "model.n_heads",
+                f"{self.n_heads} does not divide model.d_model={self.d_model}",
+            )
+            # A derived default, resolved once so the saved config spells it out.
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         _check(
             self.n_heads % self.n_kv_heads == 0,
             "model.n_kv_heads",
             f"{self.n_kv_heads} does not divide model.n_heads={self.n_heads}",
         )
-        _check(self.head_dim % 2 == 0, "model.n_heads", "head dimension must be even for RoPE")
+        if self.family == "llama":
+            _check(self.head_dim % 2 == 0, "model.head_dim", "must be even for RoPE")
+        else:
+            for name in LLAMA_SWITCHES:
+                _check(
+                    not getattr(self, name),
+                    f"model.{name}",
+                    f"is a llama-family switch; model.family is {self.family}",
+                )
+            _check(
+                self.rope_scaling.kind == "none",
+                "model.rope_scaling.kind",
+                f"is a llama-family switch; model.family is {self.family}",
+            )
+        _check(self.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0: no window)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
@@ -78,23 +139,30 @@ class ModelConfig:
             "model.attention",
             f"must be one of {ATTENTION_IMPLS}",
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        _check(
+            not self.init_from or self.init_from.startswith("hf:"),
+            "model.init_from",
+            f"expected hf:/path/to/hf_model_dir, got {self.init_from!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh shape and the sharding preset that maps logical axes onto it.
 
-    One axis may be ``-1``: it takes all devices the others leave.
+    ``data``, ``fsdp`` and ``tensor`` are the whole axis sizes; one may be ``-1``: it takes
+    all devices the others leave. In a multi-host run ``dcn_data`` and ``dcn_fsdp`` say how
+    many ways of the ``data`` / ``fsdp`` axis go across hosts (or TPU slices), over the
+    slower data-center network; the rest of each axis, and all of ``tensor``, stays within
+    a host. Both 1 (the default) lets JAX lay the axes out over all devices.
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     preset: str = "fsdp"
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -106,18 +174,24 @@ class MeshConfig:
             "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
         )
         _check(self.preset in PRESETS, "mesh.preset", f"must be one of {PRESETS}")
+        for name in ("dcn_data", "dcn_fsdp"):
+            _check(getattr(self, name) >= 1, f"mesh.{name}", "must be >= 1")
         _check(
             self.tensor == 1 or self.preset == "fsdp_tp",
             "mesh.tensor",
             f"tensor={self.tensor} needs mesh.preset=fsdp_tp (preset is {self.preset})",
         )
 
-    def resolve(self, n_devices: int) -> dict[str, int]:
+    def resolve(self, n_devices: int, n_processes: int = 1) -> dict[str, int]:
         """The concrete axis sizes for ``n_devices`` devices (``-1`` filled in).
 
         Raises:
-            UserError: if the sizes cannot multiply to ``n_devices``.
+            UserError: if the sizes cannot multiply to ``n_devices``, or the across-host
+                ways do not match ``n_processes`` processes.
         """
+        have = f"{n_devices} devices"
+        if n_processes > 1:
+            have += f" ({n_processes} processes x {n_devices // n_processes} local devices)"
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         fixed = math.prod(s for s in sizes.values() if s != -1)
         for name, size in sizes.items():
@@ -125,15 +199,28 @@ class MeshConfig:
                 _check(
                     n_devices % fixed == 0,
                     f"mesh.{name}",
-                    f"cannot fill: {n_devices} devices are not divisible by the other "
-                    f"axes' product {fixed}",
+                    f"cannot fill: {have} are not divisible by the other axes' product {fixed}",
                 )
                 sizes[name] = n_devices // fixed
         _check(
             math.prod(sizes.values()) == n_devices,
             "mesh",
             f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = "
-            f"{math.prod(sizes.values())}, but there are {n_devices} devices",
+            f"{math.prod(sizes.values())}, but there are {have}",
+        )
+        for axis in ("data", "fsdp"):
+            ways = getattr(self, f"dcn_{axis}")
+            _check(
+                sizes[axis] % ways == 0,
+                f"mesh.dcn_{axis}",
+                f"{ways} does not divide mesh.{axis}={sizes[axis]}",
+            )
+        across = self.dcn_data * self.dcn_fsdp
+        _check(
+            across == 1 or n_processes % across == 0,
+            "mesh.dcn_data",
+            f"dcn_data*dcn_fsdp = {self.dcn_data}*{self.dcn_fsdp} = {across} host groups, "
+            f"but there are {have}; it must divide the process count",
         )
         return sizes
 
@@ -164,11 +251,17 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from. An empty ``path`` means the built-in stdlib corpus."""
+    """Where tokens come from. An empty ``path`` means the built-in stdlib corpus.
+
+    With ``packing`` every row carries the documents' boundaries (split at EOS): per-token
+    ``segment_ids`` keep attention within a document, ``positions`` restart at 0 at each
+    document, and ``weights`` drop the targets that cross from one document to the next.
+    """
 
     path: str = ""
     tokenizer: str = "byte"
     seq_len: int = 256
+    packing: bool = False
 
     def __post_init__(self) -> None:
         _check(self.seq_len > 0, "data.seq_len", "must be positive")
@@ -185,6 +278,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "must be positive")
@@ -198,6 +292,11 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")
         _check(self.eval_batches > 0, "train.eval_batches", "must be positive")
+        _check(
+            self.on_nonfinite in NONFINITE_ACTIONS,
+            "train.on_nonfinite",
+            f"must be one of {NONFINITE_ACTIONS}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,9 +344,9 @@ class Config:
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
 
-    def check_devices(self, n_devices: int) -> dict[str, int]:
+    def check_devices(self, n_devices: int, n_processes: int = 1) -> dict[str, int]:
         """Validate the parts that depend on the device count; return the mesh sizes."""
-        sizes = self.mesh.resolve(n_devices)
+        sizes = self.mesh.resolve(n_devices, n_processes)
         tensor = sizes["tensor"]
         for key in ("n_heads", "n_kv_heads"):
             value = getattr(self.model, key)

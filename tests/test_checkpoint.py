@@ -25,7 +25,7 @@ from jaxtrain import config
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.errors import UserError
 from jaxtrain.sharding import make_mesh
-from jaxtrain.train import build_program
+from jaxtrain.train import build_program, make_train_step
 from jaxtrain.train.loop import STEP_DELAY_ENV, TrainingDiverged, train
 
 RUN = [
@@ -240,6 +240,37 @@ def test_divergence_stops_without_checkpointing_the_broken_state(tmp_path):
     bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
     assert bad_step >= 2  # the first steps were finite and were checkpointed...
     assert committed(tmp_path)[-1] == bad_step - 1  # ...and the broken one was not
+
+
+def test_skip_mode_drops_nonfinite_updates_and_counts_them():
+    """train.on_nonfinite=skip: a step with a NaN loss leaves parameters and optimizer
+    state untouched and counts itself; the next finite step updates as usual."""
+    cfg = config.load(None, [*RUN, "train.on_nonfinite=skip", "optim.warmup_steps=0"])
+    program = build_program(cfg, make_mesh(cfg))
+    step = jax.jit(
+        make_train_step(program.spec, program.tx, program.lr_schedule, skip_nonfinite=True)
+    )
+    tokens = np.random.default_rng(0).integers(0, 128, (8, cfg.data.seq_len + 1))
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": np.ones((8, cfg.data.seq_len), np.float32),
+    }
+    poisoned = dict(batch, weights=batch["weights"].copy())
+    poisoned["weights"][3, 5] = np.nan
+    before = jax.device_get(program.init_state())
+    after, metrics = jax.device_get(step(before, poisoned))
+    assert not np.isfinite(metrics["loss"]) and metrics["skipped_steps"] == 1
+    assert (after.step, after.skipped) == (1, 1)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        (after.params, after.opt_state),
+        (before.params, before.opt_state),
+    )
+    later, metrics = jax.device_get(step(after, batch))
+    assert np.isfinite(metrics["loss"]) and (later.step, later.skipped) == (2, 1)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), later.params, after.params)
+    assert all(jax.tree.leaves(changed))
 
 
 def test_keeps_the_newest_plus_every_nth(tmp_path):

@@ -54,6 +54,8 @@ def test_mesh_fill_axis():
         (["data.seq_len=4096"], "data.seq_len"),
         (["train.microbatches=3"], "train.microbatches"),
         (["train.steps"], "--set train.steps"),
+        (["train.on_nonfinite=ignore"], "train.on_nonfinite"),
+        (["mesh.dcn_data=0"], "mesh.dcn_data"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -71,6 +73,7 @@ def test_bad_values_name_the_key(overrides, key):
         (["mesh.preset=fsdp_tp", "mesh.tensor=4", "mesh.fsdp=-1"], 8, "model.n_kv_heads"),
         (["train.global_batch=12"], 8, "train.global_batch"),
         (["train.global_batch=16", "train.microbatches=4"], 8, "train.global_batch"),
+        (["mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=4"], 8, "mesh.dcn_data"),
     ],
 )
 def test_device_dependent_checks(overrides, n_devices, key):
@@ -78,6 +81,16 @@ def test_device_dependent_checks(overrides, n_devices, key):
     with pytest.raises(UserError) as err:
         cfg.check_devices(n_devices)
     assert str(err.value).startswith(key)
+
+
+def test_device_count_errors_speak_of_processes_and_local_devices():
+    cfg = config.load(None, ["mesh.fsdp=16"])
+    with pytest.raises(UserError, match=r"there are 8 devices \(2 processes x 4 local devices\)"):
+        cfg.check_devices(8, n_processes=2)
+    hybrid = config.load(None, ["mesh.data=4", "mesh.fsdp=2", "mesh.dcn_data=4"])
+    with pytest.raises(UserError, match=r"^mesh.dcn_data: .* 4 host groups.*2 processes x 4"):
+        hybrid.check_devices(8, n_processes=2)
+    assert hybrid.check_devices(8, n_processes=4) == {"data": 4, "fsdp": 2, "tensor": 1}
 
 
 def test_bad_files(tmp_path):

@@ -1,11 +1,22 @@
-"""Two real processes joined by jax.distributed (gloo on 127.0.0.1), 4 CPU devices each,
-train exactly like one process with 8 devices."""
+"""Multi-process runs: real processes joined by jax.distributed (gloo on 127.0.0.1), 4 CPU
+devices each, started by `jaxtrain launch` (the README's command) or by explicit flags.
 
+Two processes train like one process with 8 devices; checkpoints move between process
+counts; a killed two-process run resumes bit-exact; SIGTERM to one rank stops both at
+the same step; a crashed rank makes the launcher stop the other and fail fast.
+"""
+
+import dataclasses
 import json
 import os
-import socket
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -14,50 +25,149 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny import TINY
 
-from jaxtrain import config
+from jaxtrain import cli, config
+from jaxtrain.launch import free_port
 from jaxtrain.sharding import make_mesh
+from jaxtrain.sharding.mesh import _hybrid_grid
 from jaxtrain.train import build_program
+from jaxtrain.train.loop import STEP_DELAY_ENV
 
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXE = str(Path(sys.executable).parent / "jaxtrain")
 RUN = [
     *TINY,
     "model.vocab_size=512",
-    "train.steps=4",
+    "train.steps=6",
     "train.log_every=1",
     "train.eval_every=0",
     "checkpoint.every=2",
     "optim.warmup_steps=1",
 ]
-EXE = str(Path(sys.executable).parent / "jaxtrain")
+LONG = ["train.steps=40"]  # for runs that are stopped from outside
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def sets(run_dir, extra=()):
+    return [a for item in [*RUN, *extra, f"run.dir={run_dir}"] for a in ("--set", item)]
 
 
-def argv(run_dir, layout):
-    sets = [a for item in [*RUN, *layout, f"run.dir={run_dir}"] for a in ("--set", item)]
-    return [EXE, "train", *sets]
+def readme_launch():
+    """The README's local two-process command, as an argv."""
+    lines = (x.strip() for x in README.splitlines())
+    line = next(x for x in lines if x.startswith("jaxtrain launch --nproc 2 "))
+    return [EXE, *shlex.split(line)[1:]]
 
 
-def env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def env(devices=8, delay=0.0):
+    out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if delay:
+        out[STEP_DELAY_ENV] = str(delay)
+    return out
 
 
-def run_two_processes(run_dir, layout):
+def single(run_dir, extra=()):
+    proc = subprocess.run(
+        [EXE, "train", *sets(run_dir, extra)], capture_output=True, text=True, env=env()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def start_launch(run_dir, extra=(), delay=0.0):
+    """Start the README's launch command; its output goes to ``run_dir.log``."""
+    log = Path(f"{run_dir}.log")
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*readme_launch(), *sets(run_dir, extra)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env(delay=delay),
+        )
+    return proc, log
+
+
+def launch(run_dir, extra=()):
+    proc, log = start_launch(run_dir, extra)
+    code = proc.wait(timeout=300)
+    return code, log.read_text()
+
+
+def wait_for(pattern, log, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text(), re.MULTILINE):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {pattern!r}"
+        time.sleep(0.1)
+
+
+def pid(log, rank):
+    return int(re.search(rf"^\[launch\] rank {rank}: pid (\d+)", log.read_text(), re.M)[1])
+
+
+def alive(process_id):
+    try:
+        os.kill(process_id, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metric(run_dir, key, steps=None):
+    return [r[key] for r in rows(run_dir) if steps is None or r["step"] in steps]
+
+
+def final_params(run_dir, extra=()):
+    cfg = config.load(None, [*RUN, *extra])
+    target = build_program(cfg, make_mesh(cfg)).abstract_state.params
+    return jax.device_get(ocp.StandardCheckpointer().restore(run_dir / "params", target))
+
+
+def committed(run_dir):
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_close(a_dir, b_dir, steps=None):
+    for key in ("loss", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(metric(a_dir, key, steps), metric(b_dir, key, steps), rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        final_params(a_dir),
+        final_params(b_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process x 8 devices and two processes x 4 devices, fsdp=8, uninterrupted."""
+    root = tmp_path_factory.mktemp("reference")
+    single(root / "single", ["mesh.fsdp=8"])
+    code, output = launch(root / "multi")
+    assert code == 0, output[-3000:]
+    return root / "single", root / "multi", output
+
+
+def test_two_processes_match_one(reference):
+    one, two, output = reference
+    assert [r["step"] for r in rows(two)] == [1, 2, 3, 4, 5, 6]  # written once, by process 0
+    assert_close(two, one)
+    assert committed(two) == [2, 4, 6]
+    assert re.search(r"^\[rank 0\] step 6 ", output, re.M)  # rank-prefixed output...
+    assert not re.search(r"^\[rank 1\] step ", output, re.M)  # ...and only process 0 logs
+
+
+def test_hybrid_mesh_puts_data_across_processes(tmp_path, reference):
+    """data=2 across the processes (dcn_data=2) x fsdp=4 within each, joined by explicit
+    --coordinator flags, trains like one process with 8 devices."""
+    layout = ["mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2"]
     port = free_port()
     procs = [
         subprocess.Popen(
-            [
-                *argv(run_dir, layout),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(rank),
-            ],
+            [EXE, "train", *sets(tmp_path, layout), "--coordinator", f"127.0.0.1:{port}"]
+            + ["--num-processes", "2", "--process-id", str(rank)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -72,38 +182,107 @@ def run_two_processes(run_dir, layout):
             p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
+    assert_close(tmp_path, reference[0])
 
 
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+@dataclasses.dataclass
+class FakeDevice:
+    id: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
 
 
-def final_params(run_dir, layout):
-    cfg = config.load(None, [*RUN, *layout])
-    target = build_program(cfg, make_mesh(cfg)).abstract_state.params
-    return jax.device_get(ocp.StandardCheckpointer().restore(run_dir / "params", target))
+def test_hybrid_grid_keeps_within_host_axes_on_one_host():
+    devices = [FakeDevice(i, i // 4) for i in range(8)]
+    grid = _hybrid_grid((2, 4, 1, 1), (2, 1, 1, 1), devices)  # data across, fsdp within
+    assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
+    grid = _hybrid_grid((2, 4, 1, 1), (1, 2, 1, 1), devices)  # half of fsdp across
+    assert [{d.process_index for d in grid[:, j].flat} for j in range(4)] == [{0}, {0}, {1}, {1}]
 
 
-@pytest.mark.parametrize(
-    "layout", [["mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=4"]], ids=["fsdp8", "data2_fsdp4"]
-)
-def test_two_processes_match_one(tmp_path, layout):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    proc = subprocess.run(
-        argv(single, layout), capture_output=True, text=True, env=env(8), timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_two_processes(multi, layout)
-    one, two = rows(single), rows(multi)
-    assert [r["step"] for r in two] == [1, 2, 3, 4]  # written once, by process 0
+def test_checkpoints_move_between_process_counts(tmp_path, reference):
+    """Step 4 written by two processes finishes in one, and the other way round."""
+    one, two, _ = reference
+    to_one, to_two = tmp_path / "to_one", tmp_path / "to_two"
+    shutil.copytree(two / "checkpoints" / "4", to_one / "checkpoints" / "4")
+    shutil.copytree(one / "checkpoints" / "4", to_two / "checkpoints" / "4")
+    one_output = single(to_one, ["mesh.fsdp=8"])
+    code, two_output = launch(to_two)
+    assert code == 0, two_output[-3000:]
+    for target, output in ((to_one, one_output), (to_two, two_output)):
+        assert "resumed from" in output
+        assert [r["step"] for r in rows(target)] == [5, 6]
+        assert_close(target, one, steps={5, 6})
+
+
+def test_killed_two_process_run_resumes_bit_exact(tmp_path, reference):
+    """SIGKILL one rank: the launcher stops the other and fails fast; the relaunched run
+    resumes from the last checkpoint to exactly the uninterrupted losses and parameters."""
+    proc, log = start_launch(tmp_path, delay=0.3)
+    wait_for(r"^\[rank 0\] step 4 ", log, proc)
+    survivor = pid(log, 0)
+    os.kill(pid(log, 1), signal.SIGKILL)
+    start = time.monotonic()
+    assert proc.wait(timeout=60) == 128 + signal.SIGKILL
+    assert time.monotonic() - start < 30
+    assert not alive(survivor)
+    assert "[launch] rank 1 failed with exit status 137" in log.read_text()
+    code, output = launch(tmp_path)
+    assert code == 0, output[-3000:]
+    assert "resumed from" in output
+    multi = reference[1]
     for key in ("loss", "grad_norm", "param_norm"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        final_params(multi, layout),
-        final_params(single, layout),
-    )
-    assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "2",
-        "4",
-    ]
+        assert metric(tmp_path, key) == metric(multi, key)
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path), final_params(multi))
+
+
+def stops(text):
+    """{rank: step} from the 'stopped by ... at step N' line each process prints."""
+    found = re.findall(r"^\[rank (\d+)\] stopped by .* at step (\d+);", text, re.M)
+    return {int(rank): int(step) for rank, step in found}
+
+
+def test_stop_signals_stop_every_rank_at_one_step(tmp_path):
+    """SIGTERM to one rank, then (after resuming) SIGINT to the launcher: each time both
+    ranks checkpoint the same step and exit 0."""
+    proc, log = start_launch(tmp_path, LONG, delay=0.3)
+    wait_for(r"^\[rank 0\] step 2 ", log, proc)
+    os.kill(pid(log, 1), signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    first = stops(log.read_text())
+    assert set(first) == {0, 1} and len(set(first.values())) == 1, first
+    step = first[0]
+    assert 2 <= step < 40 and committed(tmp_path)[-1] == step
+
+    proc, log = start_launch(tmp_path, LONG, delay=0.3)
+    wait_for(rf"^\[rank 0\] step {step + 2} ", log, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    second = stops(log.read_text())
+    assert set(second) == {0, 1} and len(set(second.values())) == 1, second
+    assert step < second[0] < 40 and committed(tmp_path)[-1] == second[0]
+
+
+def test_device_count_mismatch_is_explained_per_process(tmp_path):
+    code, output = launch(tmp_path, ["mesh.fsdp=16"])
+    assert code == 2
+    assert "jaxtrain: error: mesh: " in output
+    assert "there are 8 devices (2 processes x 4 local devices)" in output
+
+
+def test_launch_refuses_bad_usage(capsys):
+    assert cli.main(["launch", "--nproc", "2", "--", "eval", "--run", "x"]) == 2
+    assert cli.main(["launch", "--nproc", "0", "--", "train"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("jaxtrain: error: ") for line in lines)
+
+
+def test_readme_slurm_script_is_valid_bash(tmp_path):
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```bash\n(.*?)```", README, re.S)]
+    script = next(block for block in blocks if "#SBATCH" in block)
+    assert script.startswith("#!/bin/bash") and "srun jaxtrain train" in script
+    path = tmp_path / "train.sbatch"
+    path.write_text(script)
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,15 @@
 """Data: tokenizers, the built-in corpus, ``prepare`` and the sharded batch loader."""
 
 from jaxtrain.data.corpus import builtin_corpus, corpus_files
-from jaxtrain.data.loader import Loader, TokenDataset, open_dataset, process_rows, sample_windows
+from jaxtrain.data.loader import (
+    Loader,
+    TokenDataset,
+    batch_dtypes,
+    document_boundaries,
+    open_dataset,
+    process_rows,
+    sample_windows,
+)
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.tokenizer import (
     ByteTokenizer,
@@ -17,8 +25,10 @@ __all__ = [
     "Loader",
     "TokenDataset",
     "Tokenizer",
+    "batch_dtypes",
     "builtin_corpus",
     "corpus_files",
+    "document_boundaries",
     "load_tokenizer",
     "open_dataset",
     "prepare",

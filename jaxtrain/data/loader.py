@@ -9,6 +9,11 @@ of ``(seed, stream, step)``, so a resumed run reads the same data as one that ne
 stopped, and every process agrees on the global batch while building only the rows its
 devices hold (``jax.make_array_from_process_local_data``), which is how one program
 feeds one CPU or a multi-host pod.
+
+With packing (``data.packing``) a window's documents are kept apart, as InternEvo and
+Krell et al. (2021) pack sequences: each row also carries per-token ``segment_ids``
+(attention stays within a document), ``positions`` (RoPE restarts at 0 at each document)
+and ``weights`` (0 for the target that crosses from one document into the next).
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from jaxtrain.errors import UserError
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
+
+
+def batch_dtypes(packing: bool) -> dict[str, type]:
+    """The arrays of a batch, each [B, L], and their dtypes: ``inputs`` and ``targets``,
+    and with ``packing`` the documents' ``segment_ids``, ``positions`` and ``weights``."""
+    dtypes = {"inputs": np.int32, "targets": np.int32}
+    if packing:
+        dtypes |= {"segment_ids": np.int32, "positions": np.int32, "weights": np.float32}
+    return dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +186,32 @@ def sample_windows(
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
+def document_boundaries(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+    """Where the documents of packed rows start and end, as the model and loss need it.
+
+    A document ends with its EOS, so the token after an EOS opens the next document.
+
+    Args:
+      inputs: int [B, L] input tokens (the targets are these shifted left by one).
+      eos_id: the document separator id.
+
+    Returns:
+      ``segment_ids`` int32 [B, L] (0, 1, 2, ... along each row), ``positions`` int32
+      [B, L] (0 at each document's first token) and ``weights`` float32 [B, L] (0 where
+      the input is EOS: its target is the first token of another document).
+    """
+    eos = inputs == eos_id
+    starts = np.zeros_like(eos)
+    starts[:, 1:] = eos[:, :-1]
+    index = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return {
+        "segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
+        "positions": (index - first).astype(np.int32),
+        "weights": (~eos).astype(np.float32),
+    }
+
+
 def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> range:
     """The batch rows (dimension 0) held by this process's devices.
 
@@ -206,6 +246,7 @@ class Loader:
         global_batch: int,
         seq_len: int,
         sharding: jax.sharding.NamedSharding,
+        packing: bool = False,
     ):
         """Prepares to build batches.
 
@@ -215,9 +256,11 @@ class Loader:
           global_batch: rows per batch across all processes.
           seq_len: tokens per row.
           sharding: the sharding of a ``(global_batch, seq_len)`` batch.
+          packing: add the documents' boundaries (:func:`document_boundaries`).
         """
         self.dataset = dataset
         self.seed = seed
+        self.packing = packing
         self.seq_len = seq_len
         self.sharding = sharding
         self.global_shape = (global_batch, seq_len)
@@ -233,15 +276,18 @@ class Loader:
             seq_len=self.seq_len,
             rows=self.rows,
         )
+        if self.packing:
+            local |= document_boundaries(local["inputs"], self.dataset.eos_id)
         return {
             k: jax.make_array_from_process_local_data(self.sharding, v, self.global_shape)
             for k, v in local.items()
         }
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
-        """The training batch of ``step``: ``{"inputs", "targets"}``, int32[B, L]."""
+        """The training batch of ``step``: ``{"inputs", "targets"}``, int32[B, L], and the
+        documents' boundaries when packing (see :func:`batch_dtypes`)."""
         return self._batch(self.dataset.train, TRAIN_STREAM, step)
 
     def eval_batch(self, index: int) -> dict[str, jax.Array]:
-        """Validation batch number ``index``: ``{"inputs", "targets"}``, int32[B, L]."""
+        """Validation batch number ``index``, laid out as :meth:`train_batch`."""
         return self._batch(self.dataset.validation, EVAL_STREAM, index)

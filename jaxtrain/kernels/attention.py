@@ -1,8 +1,10 @@
 """Attention dispatch. ``impl="xla"`` is the plain-JAX reference: the specification that
 every faster implementation is tested against. ``impl="chunked"`` is the same math
 computed block by block so that causal attention skips the key blocks a query block can
-never see (about half the work at long lengths); ``impl="auto"`` picks the fastest
-implementation that applies.
+never see (about half the work at long lengths). ``impl="pallas"`` is the FlashAttention-2
+kernel of :mod:`jaxtrain.kernels.flash` (interpreted on CPU), ``impl="cudnn"`` is cuDNN's
+fused attention through ``jax.nn.dot_product_attention`` (GPU only). ``impl="auto"``
+picks Pallas on GPU and TPU and the fastest correct path on CPU.
 
 Shapes: B batch, L query length, S key length, N query heads, K kv heads, H head dim.
 Grouped-query attention (Ainslie et al., 2023) is computed by viewing the N query heads
@@ -14,18 +16,39 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "chunked")
+from jaxtrain.errors import UserError
+from jaxtrain.kernels.flash import flash_attention
+
+IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")
+KERNEL_IMPLS = ("pallas", "cudnn")  # run per shard, on local blocks (see sharding.per_shard)
 CHUNK = 128
 
 
 def _mask(
-    q_len: int, k_len: int, causal: bool, q_segments: jax.Array | None, k_segments: jax.Array | None
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    q_segments: jax.Array | None,
+    k_segments: jax.Array | None,
+    window: int | None = None,
 ) -> jax.Array | None:
-    """A boolean [B or 1, 1, 1, L, S] mask: True where a query may attend to a key."""
+    """A boolean [B or 1, 1, 1, L, S] mask: True where a query may attend to a key.
+
+    Query i sits at key position ``i + S - L`` (the last query is aligned with the last
+    key). ``window`` keeps keys less than ``window`` positions away (before the query,
+    and after it too when not causal).
+    """
     mask = None
+    q_pos = jnp.arange(q_len)[:, None] + (k_len - q_len)
+    k_pos = jnp.arange(k_len)[None, :]
     if causal:
-        q_pos = jnp.arange(q_len)[:, None] + (k_len - q_len)
-        mask = (q_pos >= jnp.arange(k_len)[None, :])[None, None, None]
+        mask = (q_pos >= k_pos)[None, None, None]
+    if window is not None:
+        near = q_pos - k_pos < window
+        if not causal:
+            near &= k_pos - q_pos < window
+        near = near[None, None, None]
+        mask = near if mask is None else mask & near
     if q_segments is not None:
         same = q_segments[:, :, None] == k_segments[:, None, :]  # [B, L, S]
         same = same[:, None, None]
@@ -40,9 +63,12 @@ def xla_attention(
     *,
     segment_ids: jax.Array | None = None,
     causal: bool = True,
+    window: int | None = None,
     scale: float | None = None,
 ) -> jax.Array:
     """Softmax attention in plain JAX, accumulating in float32.
+
+    Query i is at key position ``i + S - L`` (the last query sees the last key).
 
     Args:
         q: [B, L, N, H] queries.
@@ -50,6 +76,9 @@ def xla_attention(
         v: [B, S, K, H] values.
         segment_ids: optional [B, L] ints (L == S); tokens attend only within a segment.
         causal: mask keys after each query.
+        window: sliding window (Beltagy et al., 2020; Mistral): a query sees only keys
+            fewer than ``window`` positions before it (and after it, when not causal),
+            itself included. ``None`` sees every key.
         scale: softmax scale; default 1 / sqrt(H).
 
     Returns:
@@ -61,7 +90,7 @@ def xla_attention(
     q = q.reshape(b, q_len, kv, n // kv, h)  # [B, L, K, G, H]
     scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
-    mask = _mask(q_len, k_len, causal, segment_ids, segment_ids)
+    mask = _mask(q_len, k_len, causal, segment_ids, segment_ids, window)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -75,6 +104,7 @@ def chunked_causal_attention(
     v: jax.Array,
     *,
     segment_ids: jax.Array | None = None,
+    window: int | None = None,
     scale: float | None = None,
     chunk: int = CHUNK,
 ) -> jax.Array:
@@ -82,7 +112,7 @@ def chunked_causal_attention(
 
     Same contract as :func:`xla_attention` with ``causal=True``; needs L == S and L
     divisible by ``chunk``. Heads are moved in front of the length so every einsum is a
-    plain batched matmul.
+    plain batched matmul. A ``window`` is applied as a mask (no extra blocks skipped).
     """
     b, length, n, h = q.shape
     kv = k.shape[2]
@@ -100,12 +130,83 @@ def chunked_causal_attention(
         )
         seg = None if segment_ids is None else segment_ids[:, start:stop]
         keys_seg = None if segment_ids is None else segment_ids[:, :stop]
-        mask = _mask(chunk, stop, True, seg, keys_seg)
+        mask = _mask(chunk, stop, True, seg, keys_seg, window)
         scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("BKGLS,BKSH->BKGLH", probs, vh[:, :, :stop]))
     out = jnp.concatenate(outs, axis=3).reshape(b, n, length, h)
     return out.transpose(0, 2, 1, 3)
+
+
+def resolve_impl(impl: str, *, causal: bool, q_len: int, k_len: int) -> str:
+    """The implementation ``impl`` stands for on this backend (``auto`` made concrete).
+
+    ``auto`` is ``pallas`` on GPU and TPU. On CPU it is ``chunked`` where that applies
+    (causal, equal query and key lengths, a length that is a multiple of, and longer
+    than, the block) and the reference elsewhere: the interpreted kernel is for testing.
+
+    Raises:
+        ValueError: for an unknown ``impl``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() in ("gpu", "tpu"):
+        return "pallas"
+    chunkable = causal and k_len == q_len and q_len % CHUNK == 0 and q_len > CHUNK
+    return "chunked" if chunkable else "xla"
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """cuDNN fused attention via ``jax.nn.dot_product_attention``; same contract as
+    :func:`xla_attention`, on a GPU with bfloat16 or float16 inputs.
+
+    Segment ids become a dense [B, 1, L, S] boolean mask (cuDNN's packed-sequence path
+    wants per-document offsets instead), so packed batches use O(L * S) memory here.
+    cuDNN aligns a causal mask at the first query, not the last, so causal needs L == S.
+
+    Raises:
+        UserError: off GPU, or for float32 inputs (the message names ``model.attention``,
+            the only way a run reaches this).
+        ValueError: causal with L != S.
+    """
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise UserError(
+            f"model.attention: 'cudnn' needs a GPU, but JAX runs on {backend}; "
+            "use auto, pallas or xla"
+        )
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise UserError(
+            f"model.attention: 'cudnn' needs bfloat16 or float16 activations, got {q.dtype}; "
+            "set model.compute_dtype=bfloat16 or use pallas"
+        )
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError("cudnn causal attention needs equal query and key lengths")
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, L, S]
+    local = None if window is None else (window - 1, 0 if causal else window - 1)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=scale,
+        is_causal=causal,
+        local_window_size=local,
+        implementation="cudnn",
+    )
 
 
 def attention(
@@ -115,20 +216,31 @@ def attention(
     *,
     segment_ids: jax.Array | None = None,
     causal: bool = True,
+    window: int | None = None,
     scale: float | None = None,
     impl: str = "auto",
 ) -> jax.Array:
-    """Dispatch attention to an implementation; see :func:`xla_attention` for the contract.
+    """Dispatch attention to an implementation; see :func:`xla_attention` for the contract
+    and :func:`resolve_impl` for what ``auto`` picks.
 
-    ``auto`` uses ``chunked`` where it applies (causal, equal query and key lengths, a
-    length that is a multiple of, and longer than, the block) and the reference elsewhere.
+    ``pallas`` and ``cudnn`` see whole arrays: inside a sharded program call them per
+    shard (``jaxtrain.sharding.per_shard``), as the model's attention layer does.
+
+    Raises:
+        ValueError: for an unknown ``impl`` or ``chunked`` where it does not apply.
+        UserError: for ``cudnn`` off GPU or on float32 inputs.
     """
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1, got {window}")
     length = q.shape[1]
-    chunkable = causal and k.shape[1] == length and length % CHUNK == 0 and length > CHUNK
-    if impl == "chunked" or (impl == "auto" and chunkable):
-        if not chunkable:
+    impl = resolve_impl(impl, causal=causal, q_len=length, k_len=k.shape[1])
+    kwargs = dict(segment_ids=segment_ids, window=window, scale=scale)
+    if impl == "chunked":
+        if not (causal and k.shape[1] == length and length % CHUNK == 0):
             raise ValueError(f"chunked attention needs causal, L == S, L % {CHUNK} == 0")
-        return chunked_causal_attention(q, k, v, segment_ids=segment_ids, scale=scale)
-    if impl in ("xla", "auto"):
-        return xla_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
-    raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+        return chunked_causal_attention(q, k, v, **kwargs)
+    if impl == "pallas":
+        return flash_attention(q, k, v, causal=causal, **kwargs)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, causal=causal, **kwargs)
+    return xla_attention(q, k, v, causal=causal, **kwargs)

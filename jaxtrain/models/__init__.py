@@ -1,4 +1,4 @@
-"""Model families, looked up by ``model.family``."""
+"""Model families, looked up by ``model.family``, and Hugging Face import/export."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from flax import nnx
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.errors import UserError
+from jaxtrain.models.gpt2 import GPT2
 from jaxtrain.models.layers import Shard, no_shard
 from jaxtrain.models.llama import Llama
 
-FAMILIES: dict[str, Callable[..., nnx.Module]] = {"llama": Llama}
+FAMILIES: dict[str, Callable[..., nnx.Module]] = {"llama": Llama, "gpt2": GPT2}
 
 
 def build(cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = no_shard) -> nnx.Module:
@@ -27,4 +28,14 @@ def build(cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = no_shard) -> nnx.M
     return FAMILIES[cfg.family](cfg, rngs=rngs, shard=shard)
 
 
-__all__ = ["FAMILIES", "Llama", "build"]
+from jaxtrain.models.hf import config_from_hf, from_pretrained, save_pretrained  # noqa: E402
+
+__all__ = [
+    "FAMILIES",
+    "GPT2",
+    "Llama",
+    "build",
+    "config_from_hf",
+    "from_pretrained",
+    "save_pretrained",
+]

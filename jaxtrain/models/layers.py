@@ -1,8 +1,10 @@
 """Transformer building blocks with logical axis names on every parameter.
 
-RMSNorm (Zhang & Sennrich, 2019), rotary position embeddings (Su et al., 2021),
-grouped-query attention (Ainslie et al., 2023) and the SwiGLU MLP (Shazeer, 2020), as
-used by LLaMA (Touvron et al., 2023).
+RMSNorm (Zhang & Sennrich, 2019), rotary position embeddings (Su et al., 2021) with
+Llama 3.1's frequency scaling, grouped-query attention (Ainslie et al., 2023) with the
+optional q/k/v biases of Qwen2, q/k RMSNorm of Qwen3 and sliding window of Mistral, and
+the SwiGLU MLP (Shazeer, 2020), as used by LLaMA (Touvron et al., 2023); LayerNorm (Ba et
+al., 2016) and the GELU MLP (Hendrycks & Gimpel, 2016) of GPT-2 (Radford et al., 2019).
 
 Dimensions: B batch, L length, D model width, N query heads, K kv heads, H head dim,
 F MLP width, V vocabulary.
@@ -14,9 +16,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxtrain.kernels import attention
+from jaxtrain.config import RopeScalingConfig
+from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl
+from jaxtrain.sharding import per_shard
 
 Shard = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 Initializer = Callable[..., jax.Array]
@@ -55,9 +60,46 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+class LayerNorm(nnx.Module):
+    """Layer norm with a learned scale and bias, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> np.ndarray:
+    """The [H/2] float32 inverse frequencies of RoPE, scaled as Llama 3.1 does when
+    ``scaling.kind == "llama3"`` (long wavelengths divided by ``factor``, short ones kept,
+    a smooth blend between)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    if scaling is None or scaling.kind == "none":
+        return inv_freq.astype(np.float32)
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    long_wave = wavelen > scaling.original_max_len / low
+    short_wave = wavelen < scaling.original_max_len / high
+    smooth = (scaling.original_max_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(long_wave, inv_freq / scaling.factor, blended)
+    return np.where(short_wave, inv_freq, scaled).astype(np.float32)
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(sin, cos), each [B, L, H/2] in float32, for integer ``positions`` [B, L]."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.sin(angles), jnp.cos(angles)
 
@@ -79,7 +121,15 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with rotary embeddings."""
+    """Causal grouped-query self-attention, rotary unless called without (sin, cos).
+
+    Args:
+        head_dim: H; default ``d_model // n_heads``.
+        qkv_bias: learned biases on q, k and v (Qwen2, GPT-2).
+        out_bias: a learned bias on the output projection (GPT-2).
+        qk_norm_eps: RMSNorm q and k over H before RoPE, with this epsilon (Qwen3).
+        window: each query sees only the ``window`` latest keys, itself included (Mistral).
+    """
 
     def __init__(
         self,
@@ -93,8 +143,13 @@ class Attention(nnx.Module):
         compute_dtype: jnp.dtype,
         shard: Shard,
         rngs: nnx.Rngs,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        window: int | None = None,
     ):
-        head_dim = d_model // n_heads
+        head_dim = head_dim or d_model // n_heads
         init = nnx.initializers.normal(0.02)
         self.wq = param(
             rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype
@@ -110,22 +165,66 @@ class Attention(nnx.Module):
             ("heads", "head_dim", "embed"),
             param_dtype,
         )
+        zeros = nnx.initializers.zeros
+        if qkv_bias:
+            # A bias's last axis is named "bias": replicated and exempt from weight decay.
+            self.bq = param(rngs, zeros, (n_heads, head_dim), ("heads", "bias"), param_dtype)
+            self.bk = param(rngs, zeros, (n_kv_heads, head_dim), ("kv_heads", "bias"), param_dtype)
+            self.bv = param(rngs, zeros, (n_kv_heads, head_dim), ("kv_heads", "bias"), param_dtype)
+        if out_bias:
+            self.bo = param(rngs, zeros, (d_model,), ("bias",), param_dtype)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.qkv_bias, self.out_bias, self.qk_norm = qkv_bias, out_bias, qk_norm_eps is not None
+        self.window = window
         self.impl = impl
         self.compute_dtype = compute_dtype
         self.shard = shard
 
-    def __call__(
-        self, x: jax.Array, sin: jax.Array, cos: jax.Array, segment_ids: jax.Array | None
-    ) -> jax.Array:
+    def _qkv(
+        self, x: jax.Array, sin: jax.Array | None, cos: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Project x [B, L, D] to q [B, L, N, H] and k, v [B, L, K, H]; bias, norm, rotate."""
         dt = self.compute_dtype
         q = jnp.einsum("BLD,DNH->BLNH", x, self.wq[...].astype(dt))
         k = jnp.einsum("BLD,DKH->BLKH", x, self.wk[...].astype(dt))
         v = jnp.einsum("BLD,DKH->BLKH", x, self.wv[...].astype(dt))
-        q = self.shard(apply_rope(q, sin, cos), ("batch", "length", "act_heads", None))
-        k = self.shard(apply_rope(k, sin, cos), ("batch", "length", "act_kv_heads", None))
+        if self.qkv_bias:
+            q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if sin is not None:
+            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        return q, k, v
+
+    def __call__(
+        self,
+        x: jax.Array,
+        sin: jax.Array | None,
+        cos: jax.Array | None,
+        segment_ids: jax.Array | None,
+    ) -> jax.Array:
+        dt = self.compute_dtype
+        q, k, v = self._qkv(x, sin, cos)
+        q = self.shard(q, ("batch", "length", "act_heads", None))
+        k = self.shard(k, ("batch", "length", "act_kv_heads", None))
         v = self.shard(v, ("batch", "length", "act_kv_heads", None))
-        out = attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.impl)
-        return jnp.einsum("BLNH,NHD->BLD", out, self.wo[...].astype(dt))
+        impl = resolve_impl(self.impl, causal=True, q_len=q.shape[1], k_len=k.shape[1])
+
+        def attend(q, k, v, segment_ids):
+            return attention(
+                q, k, v, segment_ids=segment_ids, causal=True, window=self.window, impl=impl
+            )
+
+        if impl in KERNEL_IMPLS:  # an opaque kernel: give it each device's rows and heads
+            heads = ("batch", None, "act_heads", None)
+            kv_heads = ("batch", None, "act_kv_heads", None)
+            axes = (heads, kv_heads, kv_heads, ("batch", None))
+            attend = per_shard(attend, self.shard, axes, heads)
+        out = attend(q, k, v, segment_ids)
+        out = jnp.einsum("BLNH,NHD->BLD", out, self.wo[...].astype(dt))
+        return out + self.bo[...].astype(dt) if self.out_bias else out
 
 
 class MLP(nnx.Module):
@@ -156,3 +255,34 @@ class MLP(nnx.Module):
         up = jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(dt))
         hidden = self.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         return jnp.einsum("BLF,FD->BLD", hidden, self.w_down[...].astype(dt))
+
+
+class GeluMLP(nnx.Module):
+    """GPT-2's feed-forward: out(gelu(in(x) + b_in)) + b_out, GELU in its tanh form."""
+
+    def __init__(
+        self,
+        d_model: int,
+        mlp_dim: int,
+        *,
+        out_std: float,
+        param_dtype: jnp.dtype,
+        compute_dtype: jnp.dtype,
+        shard: Shard,
+        rngs: nnx.Rngs,
+    ):
+        init, zeros = nnx.initializers.normal(0.02), nnx.initializers.zeros
+        self.w_in = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
+        self.b_in = param(rngs, zeros, (mlp_dim,), ("bias",), param_dtype)
+        out_init = nnx.initializers.normal(out_std)
+        self.w_out = param(rngs, out_init, (mlp_dim, d_model), ("mlp", "embed"), param_dtype)
+        self.b_out = param(rngs, zeros, (d_model,), ("bias",), param_dtype)
+        self.compute_dtype = compute_dtype
+        self.shard = shard
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.compute_dtype
+        hidden = jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt)
+        hidden = self.shard(jax.nn.gelu(hidden, approximate=True), ("batch", "length", "act_mlp"))
+        out = jnp.einsum("BLF,FD->BLD", hidden, self.w_out[...].astype(dt))
+        return out + self.b_out[...].astype(dt)

@@ -1,9 +1,12 @@
 """LLaMA-family decoder (Touvron et al., 2023) in Flax NNX, with scanned layers.
 
+One class, config switches: Llama 2 and 3, Llama 3.1 RoPE scaling
+(``model.rope_scaling.kind: llama3``), Qwen2 (``qkv_bias``), Qwen3 (``qk_norm``,
+``head_dim``) and Mistral (``sliding_window``; Jiang et al., 2023).
+
 The ``n_layers`` blocks are created by a vmapped constructor, so every block parameter
-has a leading ``layers`` axis, and run by ``jax.lax.scan``: compile time does not grow
-with depth. Each block is rematerialised per ``model.remat`` (Chen et al., 2016; BMTrain's
-CheckpointBlock).
+has a leading ``layers`` axis, and run by ``jax.lax.scan`` (:mod:`jaxtrain.models.stack`):
+compile time does not grow with depth. Each block is rematerialised per ``model.remat``.
 
 Dimensions: B batch, L length, D model width, V vocabulary, H head dim.
 """
@@ -25,11 +28,7 @@ from jaxtrain.models.layers import (
     param,
     rope_tables,
 )
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from jaxtrain.models.stack import scan_blocks, stacked
 
 
 class Block(nnx.Module):
@@ -49,6 +48,10 @@ class Block(nnx.Module):
             compute_dtype=cdt,
             shard=shard,
             rngs=rngs,
+            head_dim=cfg.head_dim,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None,
+            window=cfg.sliding_window or None,
         )
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = MLP(
@@ -87,13 +90,7 @@ class Llama(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(0.02)
         self.embed = param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
-
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, shard, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stacked(lambda rngs: Block(cfg, shard, rngs=rngs), cfg.n_layers, rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
@@ -120,21 +117,20 @@ class Llama(nnx.Module):
         cdt = jnp.dtype(cfg.compute_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # [B, L, H/2]
+        # [B, L, H/2] each
+        sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
         x = self.shard(x, ("batch", "length", "act_embed"))
-
-        graphdef, layers = nnx.split(self.blocks)
-        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
-
-        def body(x, layer):
-            layer_state, key = layer
-            block = nnx.merge(graphdef, layer_state)
-            return block(x, sin, cos, segment_ids, key), None
-
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (layers, keys))
+        x = scan_blocks(
+            self.blocks,
+            x,
+            sin,
+            cos,
+            segment_ids,
+            n=cfg.n_layers,
+            remat=cfg.remat,
+            dropout_key=dropout_key,
+        )
 
         x = self.final_norm(x)
         if cfg.tie_embeddings:

@@ -1,5 +1,6 @@
 """Mesh, logical-axis rules and partitioning: the only package that names mesh axes."""
 
+from jaxtrain.sharding.local import per_shard
 from jaxtrain.sharding.mesh import BATCH_AXES, MESH_AXES, make_mesh
 from jaxtrain.sharding.partition import (
     ActivationSharding,
@@ -25,6 +26,7 @@ __all__ = [
     "param_logical_axes",
     "partition_spec",
     "path_str",
+    "per_shard",
     "plan_rows",
     "preset",
     "tree_shardings",

@@ -3,9 +3,15 @@
 ``sequence`` is always present so rules can name it; it has size 1 until sequence
 parallelism lands. Axis order puts ``tensor`` innermost, so tensor-parallel groups sit on
 neighbouring devices (the fastest links on GPU nodes and TPU slices).
+
+In a multi-host run, ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` > 1 build a hybrid mesh: those
+ways of the axis span host groups (TPU slices, or processes where devices carry no slice
+index) and everything else, ``tensor`` included, stays on one host's fast interconnect.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
@@ -13,6 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from jaxtrain.config import Config
+from jaxtrain.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -22,14 +29,37 @@ def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all devices) shaped by ``config.mesh``.
 
     Raises:
-        UserError: if the axis sizes do not fit the device count, or the model cannot be
-            split over the tensor axis, or the batch over the data axes.
+        UserError: if the axis sizes do not fit the device count (explained as processes x
+            local devices in a multi-process run), or the model cannot be split over the
+            tensor axis, or the batch over the data axes.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = config.check_devices(len(devices))
+    n_processes = len({d.process_index for d in devices})
+    sizes = config.check_devices(len(devices), n_processes)
     shape = (sizes["data"], sizes["fsdp"], 1, sizes["tensor"])
-    if len(devices) == len(jax.devices()):
+    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, 1, 1)
+    if math.prod(dcn) > 1:
+        grid = _hybrid_grid(shape, dcn, devices)
+    elif len(devices) == len(jax.devices()):
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _hybrid_grid(shape: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
+    """Devices laid out with ``dcn`` ways across host groups and the rest within each."""
+    groups = math.prod(dcn)
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    processes = {d.process_index for d in devices}
+    if len(slices) == groups:
+        by_process = False
+    elif len(processes) == groups:
+        by_process = True
+    else:
+        raise UserError(
+            f"mesh.dcn_data: dcn_data*dcn_fsdp = {groups} host groups, but the devices form "
+            f"{len(processes)} processes and {len(slices)} slices"
+        )
+    within = tuple(size // ways for size, ways in zip(shape, dcn, strict=True))
+    return mesh_utils.create_hybrid_device_mesh(within, dcn, devices, process_is_granule=by_process)

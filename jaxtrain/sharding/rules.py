@@ -37,6 +37,8 @@ _REPLICATED: dict[str, MeshAxes] = {
     "kv_heads": None,
     "head_dim": None,
     "norm": None,
+    "bias": None,  # the last axis of a bias: small, kept whole (and not weight-decayed)
+    "positions": None,  # rows of a learned position table (GPT-2)
 }
 
 _ZERO3 = _REPLICATED | {"embed": "fsdp"}

@@ -4,7 +4,7 @@ eval, checkpoint) -> save.
 Everything device-side happens in the compiled step; this file only feeds it batches,
 reads metrics back at logging and checkpoint steps (never every step, so dispatch stays
 asynchronous), writes files, and turns SIGTERM/SIGINT into "checkpoint at the next step
-boundary, then exit".
+boundary, then exit" (in a multi-process run, at a step every process agrees on).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from rich.console import Console
 
 from jaxtrain.checkpoint import Checkpointer, check_fresh_run_dir
@@ -86,9 +87,9 @@ def _memory_report(compiled: Any) -> str:
     )
 
 
-def _check_finite(first_step: int, pending: list[dict[str, Any]]) -> None:
+def _check_finite(first_step: int, pending: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
     for offset, metrics in enumerate(pending):
-        for key in ("loss", "grad_norm", "param_norm"):
+        for key in keys:
             if not math.isfinite(float(metrics[key])):
                 raise TrainingDiverged(
                     f"training diverged: {key} is {float(metrics[key])} at step "
@@ -97,21 +98,39 @@ def _check_finite(first_step: int, pending: list[dict[str, Any]]) -> None:
 
 
 class StopSignals:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and exit."""
+    """Turns SIGTERM/SIGINT into a stop at a step boundary, the same step on every process.
+
+    One process: a Python handler records the signal and the loop stops after the step it
+    is in. Several processes: JAX's preemption service owns SIGTERM; its notice reaches
+    every process, which agree on the step to stop at through
+    ``multihost_utils.reached_preemption_sync_point`` (the newest step any process has
+    reached, plus one). SIGINT is turned into the same notice.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._multi = jax.process_count() > 1
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            sigs = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
+            for sig in sigs:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
-        self.received = signal.Signals(signum).name
+        if self._multi:
+            signal.raise_signal(signal.SIGTERM)  # becomes the preemption service's notice
+        else:
+            self.received = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint and stop after ``step``; every process calls it each step."""
+        if self._multi and multihost_utils.reached_preemption_sync_point(step):
+            self.received = "a preemption notice (SIGTERM or SIGINT to a process)"
+        return self.received is not None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -188,6 +207,10 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
     last_loss, done = math.nan, start
     window_start, window_step = time.perf_counter(), start
     every = cfg.checkpoint.every
+    skipping = cfg.train.on_nonfinite == "skip"
+    # Skipped updates leave the parameters finite; a non-finite norm then is a real fault.
+    finite_keys = ("param_norm",) if skipping else ("loss", "grad_norm", "param_norm")
+    skipped_logged = int(jax.device_get(state.skipped))
     try:
         with StopSignals() as signals:
             for step in range(start, cfg.train.steps):
@@ -198,12 +221,13 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
                     jax.block_until_ready(metrics)
                     time.sleep(delay)
                 last = done == cfg.train.steps
-                save = (every and done % every == 0) or last or signals.received
-                log = done % cfg.train.log_every == 0 or last or signals.received
+                stop = signals.should_stop(done)
+                save = (every and done % every == 0) or last or stop
+                log = done % cfg.train.log_every == 0 or last or stop
                 if save or log:
                     # Never checkpoint or log past a non-finite step.
                     pending = jax.device_get(pending)
-                    _check_finite(done - len(pending), pending)
+                    _check_finite(done - len(pending), pending, finite_keys)
                 if save:
                     checkpointer.save(done, state, cfg)
                 if log:
@@ -221,12 +245,18 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
                             program, state.params, loader, cfg.train.eval_batches
                         )
                         progress.note(f"step {done}: validation loss {record['eval_loss']:.4f}")
+                    if record["skipped_steps"] > skipped_logged:
+                        progress.note(
+                            f"step {done}: skipped {record['skipped_steps'] - skipped_logged:.0f} "
+                            f"non-finite update(s); {record['skipped_steps']:.0f} in this run"
+                        )
+                        skipped_logged = int(record["skipped_steps"])
                     writer.write(done, record)
                     progress.update(done, record)
                     last_loss = record["loss"]
                     pending = []
                     window_start, window_step = time.perf_counter(), done
-                if signals.received:
+                if stop:
                     break
             checkpointer.wait()
     finally:

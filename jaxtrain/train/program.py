@@ -13,12 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxtrain.config import Config
-from jaxtrain.data import Loader, TokenDataset
+from jaxtrain.data import Loader, TokenDataset, batch_dtypes
 from jaxtrain.sharding import Rules, partition_spec, preset
 from jaxtrain.train.optim import make_optimizer
 from jaxtrain.train.state import ModelSpec, TrainState, create_state, model_spec, state_shardings
@@ -42,14 +41,26 @@ class Program:
     eval_step: Callable
 
     def init_state(self) -> TrainState:
-        """A fresh state, created directly in its shardings."""
-        return create_state(self.config, self.tx, self.state_shardings)
+        """A fresh state, created directly in its shardings; its parameters are read from
+        the Hugging Face checkpoint of ``model.init_from`` when that is set."""
+        params = None
+        if self.config.model.init_from:
+            from jaxtrain.models.hf import load_params
+
+            path = self.config.model.init_from.removeprefix("hf:")
+            spec = self.spec
+            params = load_params(
+                path, self.config.model, spec.abstract_params, spec.param_shardings
+            )
+        return create_state(self.config, self.tx, self.state_shardings, params)
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         cfg = self.config
         shape = (rows or cfg.train.global_batch, cfg.data.seq_len)
-        arr = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-        return {"inputs": arr, "targets": arr}
+        return {
+            key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+            for key, dtype in batch_dtypes(cfg.data.packing).items()
+        }
 
     def loader(self, dataset: TokenDataset) -> Loader:
         """The batch loader for ``dataset``: this config's seed, batch and length, batches
@@ -61,6 +72,7 @@ class Program:
             global_batch=cfg.train.global_batch,
             seq_len=cfg.data.seq_len,
             sharding=self.batch_sharding,
+            packing=cfg.data.packing,
         )
 
     def compile(self) -> tuple[Any, float]:
@@ -84,8 +96,14 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         where="batch",
     )
     batch_sharding = NamedSharding(mesh, batch_spec)
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
-    step = make_train_step(spec, tx, lr, microbatches=config.train.microbatches)
+    batch_shardings = {key: batch_sharding for key in batch_dtypes(config.data.packing)}
+    step = make_train_step(
+        spec,
+        tx,
+        lr,
+        microbatches=config.train.microbatches,
+        skip_nonfinite=config.train.on_nonfinite == "skip",
+    )
     train_step = jax.jit(
         step,
         in_shardings=(shardings, batch_shardings),

@@ -7,10 +7,12 @@ checkpoint exactly as auto-resume does.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from rich.console import Console
 
@@ -53,17 +55,31 @@ def eval_run(run: str, overrides: Sequence[str], console: Console) -> tuple[int,
     return step, evaluate(program, state.params, loader, cfg.train.eval_batches)
 
 
-def export_run(run: str, out: str, overrides: Sequence[str], console: Console) -> int:
+def export_run(
+    run: str, out: str, overrides: Sequence[str], console: Console, *, fmt: str = "orbax"
+) -> int:
     """Write the parameters (no optimizer state) of ``run``'s newest checkpoint to
-    ``out`` as an Orbax checkpoint; return the step.
+    ``out`` and return the step: as an Orbax checkpoint (``fmt="orbax"``), or as a
+    Hugging Face model directory (``fmt="hf"``: config.json + safetensors, and the run's
+    tokenizer.json when it has one).
 
     Raises:
-        UserError: if ``out`` exists and is not empty.
+        UserError: if ``out`` exists and is not empty, or no HF architecture expresses
+            the run's model.
     """
     target = Path(out).resolve()
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out: {out} exists and is not empty")
-    _, _, state, step = load_run(run, overrides, console)
+    cfg, _, state, step = load_run(run, overrides, console)
+    if fmt == "hf":
+        from jaxtrain.models.hf import config_to_hf, save_pretrained
+
+        config_to_hf(cfg.model)  # refuse before writing anything
+        save_pretrained(cfg.model, state.params, target)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if tokenizer.name != "byte" and jax.process_index() == 0:
+            shutil.copyfile(tokenizer.name, target / "tokenizer.json")
+        return step
     saver = ocp.StandardCheckpointer()
     saver.save(target, state.params, force=True)
     saver.wait_until_finished()

@@ -37,6 +37,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    skipped: jax.Array  # updates dropped for a non-finite loss or gradient (train.on_nonfinite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +66,16 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
 
 
 def _init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable:
-    def init() -> TrainState:
-        model = models.build(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    def init(params: Any = None) -> TrainState:
+        if params is None:  # fresh random parameters (else: given, e.g. imported)
+            model = models.build(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1),
+            skipped=jnp.zeros((), jnp.int32),
         )
 
     return init
@@ -89,6 +92,7 @@ def state_shardings(
         params=spec.param_shardings,
         opt_state=opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules),
         rng=replicated,
+        skipped=replicated,
     )
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -97,7 +101,11 @@ def state_shardings(
 
 
 def create_state(
-    cfg: Config, tx: optax.GradientTransformation, shardings: TrainState
+    cfg: Config, tx: optax.GradientTransformation, shardings: TrainState, params: Any = None
 ) -> TrainState:
-    """Initialise the train state directly into ``shardings``."""
-    return jax.jit(_init_fn(cfg, tx), out_shardings=shardings)()
+    """Initialise the train state directly into ``shardings``: random parameters, or
+    ``params`` (already in their shardings; donated) with a fresh optimizer state."""
+    if params is None:
+        return jax.jit(_init_fn(cfg, tx), out_shardings=shardings)()
+    init = jax.jit(_init_fn(cfg, tx), out_shardings=shardings, donate_argnums=0)
+    return init(params)

@@ -54,8 +54,13 @@ def make_train_step(
     lr_schedule: optax.Schedule,
     *,
     microbatches: int = 1,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the pure step for a model, an optimizer and an accumulation count."""
+    """Build the pure step for a model, an optimizer and an accumulation count.
+
+    With ``skip_nonfinite`` a step whose loss or gradient norm is NaN/Inf leaves the
+    parameters and optimizer state as they were and counts itself in ``state.skipped``.
+    """
 
     def loss_fn(params, batch, key):
         logits = spec.apply(
@@ -98,14 +103,27 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
+        skipped = state.skipped
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+            skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
         metrics = {
-            "loss": loss_sum / count,
+            "loss": loss,
             "lr": lr_schedule(state.step),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
+            "skipped_steps": skipped,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped
+        )
         return new_state, metrics
 
     return train_step
@@ -115,7 +133,12 @@ def make_eval_step(spec: ModelSpec) -> Callable[[Any, Batch], dict[str, jax.Arra
     """``eval_step(params, batch) -> {"loss_sum", "count"}``, no dropout."""
 
     def eval_step(params, batch):
-        logits = spec.apply(params, batch["inputs"])
+        logits = spec.apply(
+            params,
+            batch["inputs"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
+        )
         loss_sum, count = cross_entropy_sum(logits, batch["targets"], batch.get("weights"))
         return {"loss_sum": loss_sum, "count": count}
 

@@ -1,0 +1,128 @@
+"""GPT-2 (Radford et al., 2019) in Flax NNX, with scanned layers.
+
+Pre-LayerNorm blocks with biases everywhere, a GELU (tanh form) MLP, learned absolute
+positions and, as in the released models, the LM head tied to the token embedding
+(``model.tie_embeddings: true``; untied works too). Attention is the shared grouped-query
+layer without RoPE: GPT-2 proper has ``n_kv_heads == n_heads``.
+
+Dimensions: B batch, L length, D model width, P positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.config import ModelConfig
+from jaxtrain.models.layers import (
+    Attention,
+    GeluMLP,
+    LayerNorm,
+    Shard,
+    dropout,
+    no_shard,
+    param,
+)
+from jaxtrain.models.stack import scan_blocks, stacked
+
+
+class Block(nnx.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard, *, rngs: nnx.Rngs):
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        out_std = 0.02 / (2 * cfg.n_layers) ** 0.5
+        self.attn_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            out_std=out_std,
+            impl=cfg.attention,
+            param_dtype=pdt,
+            compute_dtype=cdt,
+            shard=shard,
+            rngs=rngs,
+            head_dim=cfg.head_dim,
+            qkv_bias=True,
+            out_bias=True,
+        )
+        self.mlp_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.mlp = GeluMLP(
+            cfg.d_model,
+            cfg.mlp_dim,
+            out_std=out_std,
+            param_dtype=pdt,
+            compute_dtype=cdt,
+            shard=shard,
+            rngs=rngs,
+        )
+        self.dropout = cfg.dropout
+        self.shard = shard
+
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
+    ) -> jax.Array:
+        keys = (None, None) if key is None else jax.random.split(key)
+        h = self.attn(self.attn_norm(x), None, None, segment_ids)
+        x = x + dropout(h, self.dropout, keys[0])
+        x = self.shard(x, ("batch", "length", "act_embed"))
+        h = self.mlp(self.mlp_norm(x))
+        x = x + dropout(h, self.dropout, keys[1])
+        return self.shard(x, ("batch", "length", "act_embed"))
+
+
+class GPT2(nnx.Module):
+    """Token + position embedding -> scanned blocks -> final LayerNorm -> LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = no_shard):
+        pdt = jnp.dtype(cfg.param_dtype)
+        init = nnx.initializers.normal(0.02)
+        self.embed = param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
+        self.pos_embed = param(
+            rngs, nnx.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model),
+            ("positions", "embed"), pdt,
+        )  # fmt: skip
+        self.blocks = stacked(lambda rngs: Block(cfg, shard, rngs=rngs), cfg.n_layers, rngs)
+        self.final_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+        self.cfg = cfg
+        self.shard = shard
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, L, V] in float32 for int ``tokens`` [B, L]; arguments as
+        :meth:`jaxtrain.models.llama.Llama.__call__` (``positions`` index the table)."""
+        cfg = self.cfg
+        cdt = jnp.dtype(cfg.compute_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(
+            self.pos_embed[...], positions, axis=0
+        )  # [B, L, D]
+        x = self.shard(x.astype(cdt), ("batch", "length", "act_embed"))
+        key, dropout_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        x = dropout(x, cfg.dropout, key)
+        x = scan_blocks(
+            self.blocks,
+            x,
+            segment_ids,
+            n=cfg.n_layers,
+            remat=cfg.remat,
+            dropout_key=dropout_key,
+        )
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("BLD,VD->BLV", x, self.embed[...].astype(cdt))
+        else:
+            logits = jnp.einsum("BLD,DV->BLV", x, self.lm_head[...].astype(cdt))
+        logits = logits.astype(jnp.float32)
+        return self.shard(logits, ("batch", "length", "act_vocab"))

@@ -1,0 +1,253 @@
+"""Hugging Face ``config.json`` <-> :class:`~jaxtrain.config.ModelConfig`.
+
+Covered architectures: ``LlamaForCausalLM`` (Llama 2, Llama 3, Llama 3.1 RoPE scaling),
+``MistralForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` map onto the
+``llama`` family's switches; ``GPT2LMHeadModel`` onto ``gpt2``. Both the transformers 4
+(``rope_theta`` + ``rope_scaling``) and 5 (``rope_parameters``) spellings are read.
+Anything these classes can express that jaxtrain does not compute (other RoPE scalings,
+per-layer sliding windows, output biases on LLaMA) is refused with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxtrain.config import ModelConfig, RopeScalingConfig
+from jaxtrain.errors import UserError
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+# The fields that describe an architecture (all but max_seq_len, which is only a shape
+# for learned position tables), compared when a run starts from a checkpoint.
+ARCHITECTURE_FIELDS = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "norm_eps",
+    "tie_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "qkv_bias",
+    "qk_norm",
+    "sliding_window",
+)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF model directory.
+
+    Raises:
+        UserError: if the directory or its config.json is missing or not JSON.
+    """
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        raise UserError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def _refuse(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config.json {key}: {message}")
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, RopeScalingConfig()
+    _refuse(kind == "llama3", "rope_type", f"{kind!r} is not supported (default, llama3)")
+    scaling = RopeScalingConfig(
+        kind="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_len=int(
+            params.get("original_max_position_embeddings", hf["max_position_embeddings"])
+        ),
+    )
+    return theta, scaling
+
+
+def _llama(hf: dict[str, Any], model_type: str) -> ModelConfig:
+    _refuse(hf.get("hidden_act", "silu") == "silu", "hidden_act", "only silu (SwiGLU) is mapped")
+    _refuse(not hf.get("mlp_bias", False), "mlp_bias", "MLP biases are not supported")
+    if model_type == "qwen2":
+        qkv_bias = True  # Qwen2 always has q/k/v biases and never an output bias
+    else:
+        _refuse(not hf.get("attention_bias", False), "attention_bias", "not supported")
+        qkv_bias = False
+    window = 0
+    if model_type == "mistral":
+        window = int(hf.get("sliding_window") or 0)
+    elif model_type in ("qwen2", "qwen3"):
+        _refuse(
+            not hf.get("use_sliding_window", False),
+            "use_sliding_window",
+            "per-layer sliding windows are not supported",
+        )
+    theta, scaling = _rope(hf)
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        family="llama",
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or 0,
+        mlp_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qkv_bias=qkv_bias,
+        qk_norm=model_type == "qwen3",
+        sliding_window=window,
+    )
+
+
+def _gpt2(hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    _refuse(act in _GELU_TANH, "activation_function", f"{act!r}: only {_GELU_TANH} are mapped")
+    _refuse(hf.get("scale_attn_weights", True), "scale_attn_weights", "false is not supported")
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        _refuse(not hf.get(key, False), key, "true is not supported")
+    d_model = hf.get("n_embd", 768)
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=hf.get("vocab_size", 50257),
+        d_model=d_model,
+        n_layers=hf.get("n_layer", 12),
+        n_heads=hf.get("n_head", 12),
+        n_kv_heads=hf.get("n_head", 12),
+        mlp_dim=hf.get("n_inner") or 4 * d_model,
+        max_seq_len=hf.get("n_positions", 1024),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def config_from_hf(hf: dict[str, Any] | str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of an HF ``config.json`` (a dict, or the model directory).
+
+    Parameters are float32 (``model.param_dtype``) whatever the checkpoint's dtype.
+
+    Raises:
+        UserError: for an unsupported model type or setting, naming the config.json key.
+    """
+    if not isinstance(hf, dict):
+        hf = read_config(hf)
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"config.json model_type: {model_type!r} is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    return _gpt2(hf) if model_type == "gpt2" else _llama(hf, model_type)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}; no Hugging Face architecture jaxtrain writes has it")
+
+
+def _llama_type(cfg: ModelConfig) -> str:
+    """The HF model type that expresses a llama-family config's switches."""
+    if cfg.qk_norm:
+        _check(not cfg.qkv_bias, "model.qkv_bias", "with model.qk_norm")
+        _check(not cfg.sliding_window, "model.sliding_window", "with model.qk_norm")
+        return "qwen3"
+    if cfg.qkv_bias:
+        _check(not cfg.sliding_window, "model.sliding_window", "with model.qkv_bias")
+        _check(cfg.head_dim * cfg.n_heads == cfg.d_model, "model.head_dim", "!= d_model/n_heads")
+        return "qwen2"
+    if cfg.sliding_window:
+        return "mistral"
+    _check(cfg.d_model % cfg.n_heads == 0, "model.n_heads", "not dividing d_model")
+    return "llama"
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF ``config.json`` dict of ``cfg`` (the inverse of :func:`config_from_hf`).
+
+    Raises:
+        UserError: if no HF architecture expresses ``cfg`` (e.g. GPT-2 with grouped-query
+            attention).
+    """
+    dtype = {"dtype": cfg.param_dtype}
+    if cfg.family == "gpt2":
+        _check(cfg.n_kv_heads == cfg.n_heads, "model.n_kv_heads", "!= n_heads in GPT-2")
+        _check(cfg.head_dim * cfg.n_heads == cfg.d_model, "model.head_dim", "!= d_model/n_heads")
+        return {
+            "architectures": [ARCHITECTURES["gpt2"]],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.mlp_dim,
+            "n_positions": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": cfg.tie_embeddings,
+            **dtype,
+        }
+    _check(cfg.family == "llama", "model.family", f"{cfg.family!r}")
+    model_type = _llama_type(cfg)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.kind == "llama3":
+        scaling = dataclasses.asdict(cfg.rope_scaling)
+        rope |= {
+            "rope_type": "llama3",
+            "factor": scaling["factor"],
+            "low_freq_factor": scaling["low_freq_factor"],
+            "high_freq_factor": scaling["high_freq_factor"],
+            "original_max_position_embeddings": scaling["original_max_len"],
+        }
+    hf = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        **dtype,
+    }
+    if model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if model_type in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = False
+    if model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if model_type == "qwen2":
+        del hf["head_dim"]  # Qwen2 derives it from hidden_size / num_attention_heads
+    return hf
