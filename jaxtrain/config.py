@@ -35,6 +35,16 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 ROPE_SCALINGS = ("none", "llama3")
 LLAMA_SWITCHES = ("qkv_bias", "qk_norm", "sliding_window")
+OBJECTIVES = ("causal_lm", "mlm", "span_corruption")
+# The objective each family trains with: decoders predict the next token, encoders the
+# masked ones (BERT), encoder-decoders the corrupted spans (T5).
+FAMILY_OBJECTIVES = {
+    "llama": "causal_lm",
+    "gpt2": "causal_lm",
+    "bert": "mlm",
+    "roberta": "mlm",
+    "t5": "span_corruption",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +74,25 @@ class RopeScalingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only Transformer of one ``family``.
+    """A Transformer of one ``family``.
 
     ``llama`` is the LLaMA family (RMSNorm, RoPE, SwiGLU, grouped-query attention); its
     switches give Qwen2 (``qkv_bias``), Qwen3 (``qk_norm``, ``head_dim``), Mistral
     (``sliding_window``) and Llama 3.1 (``rope_scaling``). ``gpt2`` is GPT-2 (LayerNorm,
-    GELU MLP, learned positions, biases). ``init_from: hf:/path`` starts a fresh run from a
-    Hugging Face checkpoint directory.
+    GELU MLP, learned positions, biases). ``bert`` and ``roberta`` are the post-LN
+    encoders with an MLM head (``type_vocab_size`` token types; RoBERTa's positions start
+    after ``pad_id``). ``t5`` is the T5 v1.1 encoder-decoder (``n_layers`` each; relative
+    position buckets); with ``tie_embeddings`` the LM head is the scaled embedding of the
+    original T5. ``init_from: hf:/path`` starts a fresh run from a Hugging Face checkpoint
+    directory.
+
+    Special token ids (for the byte tokenizer's defaults, ids past its 257 are free):
+    ``mask_id`` replaces masked tokens (BERT; -1: ``vocab_size - 1``), ``sentinel_id`` is
+    the first of the sentinels that stand for corrupted spans, counting down (T5; -1:
+    ``vocab_size - 1``; T5's tokenizer has ``<extra_id_0>`` at 32099), ``decoder_start_id``
+    opens the decoder's input (T5) and ``pad_id`` is RoBERTa's padding index. Import from
+    Hugging Face reads ``pad_token_id`` and ``decoder_start_token_id`` from config.json;
+    the mask and sentinel ids live in the tokenizer, so set them to its ids.
     """
 
     family: str = "llama"
@@ -94,6 +116,13 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int = 0  # 0: every earlier token is visible
     rope_scaling: RopeScalingConfig = RopeScalingConfig()
+    type_vocab_size: int = 2  # bert, roberta: rows of the token-type embedding
+    relative_buckets: int = 32  # t5: relative position buckets
+    relative_max_distance: int = 128  # t5: distances from here on share the last bucket
+    pad_id: int = 0
+    mask_id: int = -1  # -1: vocab_size - 1 (filled in on load)
+    sentinel_id: int = -1  # -1: vocab_size - 1 (filled in on load)
+    decoder_start_id: int = 0
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -129,6 +158,17 @@ class ModelConfig:
                 f"is a llama-family switch; model.family is {self.family}",
             )
         _check(self.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0: no window)")
+        for name in ("type_vocab_size", "relative_buckets", "relative_max_distance"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        for name in ("mask_id", "sentinel_id"):
+            if getattr(self, name) == -1:  # derived defaults, spelled out in the saved config
+                object.__setattr__(self, name, self.vocab_size - 1)
+        for name in ("pad_id", "mask_id", "sentinel_id", "decoder_start_id"):
+            _check(
+                0 <= getattr(self, name) < self.vocab_size,
+                f"model.{name}",
+                f"must be a token id below model.vocab_size={self.vocab_size}",
+            )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
@@ -138,6 +178,12 @@ class ModelConfig:
             self.attention in ATTENTION_IMPLS,
             "model.attention",
             f"must be one of {ATTENTION_IMPLS}",
+        )
+        _check(
+            self.family != "t5" or self.attention in ("auto", "xla"),
+            "model.attention",
+            f"{self.attention!r} takes no additive score bias (t5's relative positions); "
+            "use auto or xla",
         )
         _check(
             not self.init_from or self.init_from.startswith("hf:"),
@@ -269,7 +315,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Length of the run, batch size, accumulation and how often to log and evaluate."""
+    """Length of the run, batch size, accumulation, how often to log and evaluate, and
+    the objective: ``causal_lm`` (next token), ``mlm`` (masked tokens, BERT) or
+    ``span_corruption`` (T5)."""
 
     steps: int = 250
     global_batch: int = 16
@@ -279,6 +327,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     on_nonfinite: str = "stop"
+    objective: str = "causal_lm"
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "must be positive")
@@ -297,6 +346,7 @@ class TrainConfig:
             "train.on_nonfinite",
             f"must be one of {NONFINITE_ACTIONS}",
         )
+        _check(self.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +392,18 @@ class Config:
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        objective, family = self.train.objective, self.model.family
+        want = FAMILY_OBJECTIVES.get(family, objective)
+        _check(
+            objective == want,
+            "train.objective",
+            f"{objective} does not train a {family} model; use train.objective={want}",
+        )
+        _check(
+            not (self.data.packing and objective == "span_corruption"),
+            "data.packing",
+            "is not supported with train.objective=span_corruption (T5 rows are not packed)",
         )
 
     def check_devices(self, n_devices: int, n_processes: int = 1) -> dict[str, int]:

@@ -75,10 +75,11 @@ def test_auto_dispatch():
 # --- sliding window and the dispatcher ----------------------------------------------
 
 
-def dense_reference(q, k, v, *, causal, window=None, segment_ids=None):
+def dense_reference(q, k, v, *, causal, window=None, segment_ids=None, bias=None):
     """The definition, in float64 numpy: query i (at key position i + S - L) sees key j
     when j <= i (causal), |i - j| < window (j <= i's side only when causal) and the
-    segments match; it then takes the softmax-weighted mean of the values it sees."""
+    segments match; it then takes the softmax-weighted mean of the values it sees, the
+    scores being q.k / sqrt(H) plus ``bias[b, n, i, j]`` when given."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, q_len, n, h = q.shape
     k_len, kv = k.shape[1], k.shape[2]
@@ -94,6 +95,8 @@ def dense_reference(q, k, v, *, causal, window=None, segment_ids=None):
         ]
         kh = ni // (n // kv)
         scores = k[bi, seen, kh] @ q[bi, i, ni] / np.sqrt(h)
+        if bias is not None:
+            scores = scores + np.asarray(bias, np.float64)[bi, ni, i, seen]
         p = np.exp(scores - scores.max())
         out[bi, i, ni] = (p / p.sum()) @ v[bi, seen, kh]
     return out
@@ -106,6 +109,23 @@ def test_reference_window_and_segments_follow_the_definition(causal):
     got = xla_attention(q, k, v, causal=causal, window=3, segment_ids=seg)
     want = dense_reference(q, k, v, causal=causal, window=3, segment_ids=np.asarray(seg))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_is_added_to_the_scores_on_the_reference_path_only():
+    q, k, v = inputs(15, b=2, length=10, n=4, kv=2, h=4)
+    bias = jax.random.normal(jax.random.PRNGKey(16), (2, 4, 10, 10))
+    want = dense_reference(q, k, v, causal=True, bias=np.asarray(bias))
+    for impl in ("auto", "xla"):  # a biased call always takes the reference
+        got = attention(q, k, v, causal=True, bias=bias, impl=impl)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert resolve_impl("auto", causal=True, q_len=256, k_len=256, biased=True) == "xla"
+    for impl in ("pallas", "cudnn", "chunked"):
+        with pytest.raises(UserError, match=r"^model.attention: .* no additive score bias"):
+            attention(q, k, v, causal=True, bias=bias, impl=impl)
+    with pytest.raises(UserError, match=r"^model.attention: 'pallas' takes no additive"):
+        config.load(
+            None, ["model.family=t5", "train.objective=span_corruption", "model.attention=pallas"]
+        )
 
 
 def test_chunked_applies_the_window():

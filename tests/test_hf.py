@@ -28,17 +28,27 @@ from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
-NAMES = ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2"]
+NAMES = ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "bert", "roberta", "t5"]
+FAMILY = {"gpt2": "gpt2", "bert": "bert", "roberta": "roberta", "t5": "t5"}  # else llama
+# transformers' input names -> ours (input_ids is the first positional argument)
+KWARGS = {"token_type_ids": "token_types", "decoder_input_ids": "decoder_inputs"}
 
 
 def fixture(name):
+    """(directory, inputs by transformers' names, transformers' logits)."""
     d = FIXTURES / name
-    return d, np.load(d / "input_ids.npy"), np.load(d / "logits.npy")
+    feed = {p.stem: np.load(p) for p in d.glob("*.npy") if p.stem != "logits"}
+    return d, feed, np.load(d / "logits.npy")
 
 
-def forward(model, ids):
+def forward(model, feed, **extra):
+    """Our logits for ``feed``: token ids, or inputs by transformers' names."""
+    feed = feed if isinstance(feed, dict) else {"input_ids": feed}
+    kwargs = {KWARGS[k]: jnp.asarray(v) for k, v in feed.items() if k != "input_ids"}
+    kwargs |= {k: jnp.asarray(v) for k, v in extra.items()}
     graphdef, state = nnx.split(model)
-    return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.asarray(ids)))
+    run = jax.jit(lambda s, t, kw: nnx.merge(graphdef, s)(t, **kw))
+    return np.asarray(run(state, jnp.asarray(feed["input_ids"]), kwargs))
 
 
 def hf_tensors(directory):
@@ -55,7 +65,7 @@ def test_fixture_logits_match_transformers(name):
     cfg, model = from_pretrained(directory)
     assert want.std() > 0.5  # logits that spread out: a wrong layout cannot hide
     np.testing.assert_allclose(forward(model, ids), want, rtol=0, atol=1e-4)
-    assert cfg.family == ("gpt2" if name == "gpt2" else "llama")
+    assert cfg.family == FAMILY.get(name, "llama")
 
 
 def test_each_switch_is_what_makes_parity():
@@ -75,6 +85,26 @@ def test_each_switch_is_what_makes_parity():
     assert config_from_hf(FIXTURES / "qwen2").qkv_bias
 
 
+def test_token_types_positions_and_buckets_are_what_make_parity():
+    """BERT's second token type, RoBERTa's padding-aware positions and T5's logarithmic
+    buckets (8 up to distance 20, over 24 tokens) each change the logits: the fixtures
+    exercise them."""
+    directory, feed, want = fixture("bert")
+    _, model = from_pretrained(directory)
+    one_type = {**feed, "token_type_ids": np.zeros_like(feed["token_type_ids"])}
+    assert np.abs(forward(model, one_type) - want).max() > 1e-2
+    directory, feed, want = fixture("roberta")
+    _, model = from_pretrained(directory)
+    plain = forward(model, feed, positions=np.broadcast_to(np.arange(24), (2, 24)))
+    assert np.abs(plain - want).max() > 1e-2  # pad tokens move the positions after them
+    directory, feed, want = fixture("t5")
+    cfg, model = from_pretrained(directory)
+    assert (cfg.relative_buckets, cfg.relative_max_distance, cfg.head_dim) == (8, 20, 4)
+    graph = abstract_graph(dataclasses.replace(cfg, relative_max_distance=8))
+    near = nnx.merge(graph, nnx.state(model))
+    assert np.abs(forward(near, feed) - want).max() > 1e-2
+
+
 def abstract_graph(cfg):
     return nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, rngs=nnx.Rngs(0))))
 
@@ -87,6 +117,10 @@ def abstract_graph(cfg):
         ("qwen3", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
         ("gpt2", {"fsdp": 8}),
         ("gpt2", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
+        ("bert", {"fsdp": 8}),
+        ("roberta", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
+        ("t5", {"fsdp": 8}),
+        ("t5", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
     ],
 )
 def test_import_onto_8_devices_equals_one_device(name, mesh, monkeypatch):
@@ -101,11 +135,11 @@ def test_import_onto_8_devices_equals_one_device(name, mesh, monkeypatch):
     # Each read is one device's block: with ZeRO-3 over 8, an eighth of a weight matrix.
     largest = max(t.size for t in hf_tensors(directory).values())
     assert max(r.size for r in reads) * cfg.mesh.fsdp <= largest
-    wq = model.blocks.attn.wq[...]
+    wq = (model.decoder.cross_attn if name == "t5" else model.blocks.attn).wq[...]
     assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
     per_device = {s.data.shape for s in wq.addressable_shards}
     assert per_device == {wq.sharding.shard_shape(wq.shape)} and wq.shape not in per_device
-    rows = np.tile(ids, (4, 1))  # 8 rows: the batch splits over data x fsdp
+    rows = {k: np.tile(v, (4, 1)) for k, v in ids.items()}  # 8 rows: split over data x fsdp
     np.testing.assert_allclose(forward(model, rows), np.tile(want, (4, 1, 1)), atol=1e-4)
 
 
@@ -152,6 +186,33 @@ def test_hub_layouts_bfloat16_without_prefix_with_buffers(tmp_path):
         from_pretrained(tmp_path)  # a tensor without a place is an error, never dropped
 
 
+def test_original_bert_layout_imports(tmp_path):
+    """As Google's BERT checkpoints on the Hub: TensorFlow's LayerNorm ``gamma``/``beta``
+    names, BertForPreTraining's pooler and next-sentence head (no part of an MLM), the
+    ``position_ids`` buffer and a saved copy of the tied decoder."""
+    directory, feed, want = fixture("bert")
+    tensors = hf_tensors(directory)
+    hub = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in tensors.items()
+    }
+    assert sum(k.endswith(".gamma") for k in hub) == 6
+    hub |= {
+        "bert.pooler.dense.weight": np.ones((32, 32), np.float32),
+        "bert.pooler.dense.bias": np.ones(32, np.float32),
+        "cls.seq_relationship.weight": np.ones((2, 32), np.float32),
+        "cls.seq_relationship.bias": np.ones(2, np.float32),
+        "bert.embeddings.position_ids": np.arange(32)[None],
+        "cls.predictions.decoder.weight": tensors["bert.embeddings.word_embeddings.weight"],
+    }
+    save_file(hub, tmp_path / "model.safetensors")
+    shutil.copy(directory / "config.json", tmp_path)
+    _, model = from_pretrained(tmp_path)
+    np.testing.assert_allclose(forward(model, feed), want, rtol=0, atol=1e-4)
+
+
 def test_pickled_checkpoints_are_refused_unopened(tmp_path):
     marker = tmp_path / "unpickled"
 
@@ -180,8 +241,14 @@ def test_config_mapping_and_refusals():
     assert config_from_hf(v4) == v5
     assert config_from_hf(config_to_hf(v5)) == v5
     assert config_to_hf(config_from_hf(FIXTURES / "mistral"))["sliding_window"] == 5
+    bert, t5 = read_config(FIXTURES / "bert"), read_config(FIXTURES / "t5")
     for bad, key in (
-        ({**hf, "model_type": "bert"}, "model_type"),
+        ({**hf, "model_type": "gpt_neox"}, "model_type"),
+        ({**bert, "hidden_act": "gelu_new"}, "hidden_act"),
+        ({**bert, "tie_word_embeddings": False}, "tie_word_embeddings"),
+        ({**bert, "position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ({**t5, "feed_forward_proj": "relu"}, "feed_forward_proj"),
+        ({**t5, "num_decoder_layers": 3}, "num_decoder_layers"),
         ({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
         ({**hf, "mlp_bias": True}, "mlp_bias"),
         ({**read_config(FIXTURES / "qwen3"), "use_sliding_window": True}, "use_sliding_window"),
@@ -208,7 +275,8 @@ def test_architecture_mismatch_names_the_keys_to_set():
 def test_init_from_starts_training_from_the_checkpoint():
     """The fresh state holds the checkpoint's parameters in the program's shardings, with
     a zero optimizer state, and its loss is the cross-entropy of transformers' logits."""
-    directory, ids, want = fixture("qwen2")
+    directory, feed, want = fixture("qwen2")
+    ids = feed["input_ids"]
     hf_model = dataclasses.asdict(config_from_hf(directory))
     cfg = config.from_dict(
         {
@@ -234,6 +302,38 @@ def test_init_from_starts_training_from_the_checkpoint():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -np.take_along_axis(logp, rows[:, 1:17, None], axis=-1).sum()
     np.testing.assert_allclose(float(out["loss_sum"]), expected, rtol=1e-5)
+
+
+def test_t5_init_from_evaluates_to_transformers_loss():
+    """An encoder-decoder through the program: imported into fsdp x tensor shardings, its
+    eval step (decoder inputs from the batch) gives the cross-entropy of HF's logits."""
+    directory, feed, want = fixture("t5")
+    cfg = config.from_dict(
+        {
+            "model": dataclasses.asdict(config_from_hf(directory))
+            | {"init_from": f"hf:{directory}"},
+            "mesh": {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"},
+            "data": {"seq_len": 24},
+            "train": {"global_batch": 8, "objective": "span_corruption"},
+        }
+    )
+    program = build_program(cfg, make_mesh(cfg))
+    state = program.init_state()
+    targets = np.roll(feed["decoder_input_ids"], -1, axis=1)
+    batch = {
+        "inputs": feed["input_ids"],
+        "decoder_inputs": feed["decoder_input_ids"],
+        "targets": targets,
+    }
+    batch = jax.device_put(
+        {k: np.tile(v, (4, 1)) for k, v in batch.items()}, program.batch_sharding
+    )
+    out = program.eval_step(state.params, batch)
+    logits = want.astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -4 * np.take_along_axis(logp, targets[..., None], axis=-1).sum()
+    np.testing.assert_allclose(float(out["loss_sum"]), expected, rtol=1e-5)
+    assert float(out["count"]) == targets.size * 4
 
 
 def test_hf_directory_tokenizer_is_usable_as_data_tokenizer():

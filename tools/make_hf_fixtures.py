@@ -7,11 +7,16 @@ For each covered architecture this builds a randomly initialised model with
     tests/fixtures/hf/<name>/config.json, model.safetensors (or shards + index),
                              input_ids.npy [2, 24] int32, logits.npy [2, 24, V] float32
 
+BERT also gets ``token_type_ids.npy`` [2, 24] (both token types), T5
+``decoder_input_ids.npy`` [2, 16] (its logits are then [2, 16, V]); RoBERTa's inputs hold
+padding tokens, which move its positions.
+
 Weights are drawn wider than transformers' default init (and norm scales and biases away
 from 1 and 0), so that logits spread out and a wrong layout cannot pass by accident.
 The tests also import :func:`build` to make fresh models for the live round trip.
 
-Usage: ``python tools/make_hf_fixtures.py [OUT_DIR]`` (needs ``pip install -e .[hf]``).
+Usage: ``python tools/make_hf_fixtures.py [OUT_DIR [NAME ...]]`` (needs
+``pip install -e .[hf]``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,30 @@ _SMALL = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 64,
     "rms_norm_eps": 1e-5,
+}
+
+_ENCODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 32,
+}
+# T5 v1.1: gated GELU, head_dim 4 != d_model / heads = 8, and 8 buckets up to distance
+# 20, so 24-token inputs reach the logarithmic buckets and the shared last one.
+_T5 = {
+    "vocab_size": VOCAB,
+    "d_model": 32,
+    "d_kv": 4,
+    "d_ff": 40,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 20,
+    "feed_forward_proj": "gated-gelu",
+    "tie_word_embeddings": False,
+    "decoder_start_token_id": 0,
 }
 
 # name -> (transformers config class, its arguments)
@@ -77,20 +106,53 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "eos_token_id": 0,
         },
     ),
+    "bert": ("BertConfig", _ENCODER),
+    # RoBERTa: positions count from pad_token_id + 1, so 34 rows for 32 tokens.
+    "roberta": (
+        "RobertaConfig",
+        _ENCODER | {"max_position_embeddings": 34, "type_vocab_size": 1, "layer_norm_eps": 1e-5},
+    ),
+    "t5": ("T5Config", _T5),
 }
+# Live round trip only (tests/test_hf_live.py): the original T5's tied head with its
+# output scaled by d_model^-0.5, and the head transformers 5 builds for v1.1 configs
+# (tied to ``shared`` without the scaling; the checkpoint then has no lm_head.weight).
+LIVE_VARIANTS = VARIANTS | {
+    "t5_tied": ("T5Config", _T5 | {"tie_word_embeddings": True}),
+    "t5_shared_head": ("T5Config", _T5),
+}
+# v1.1 / FLAN-T5 heads are their own tensor (transformers 5 would tie them, see above).
+UNTIED_HEAD = {"t5"}
+AUTO_CLASS = {
+    "bert": "AutoModelForMaskedLM",
+    "roberta": "AutoModelForMaskedLM",
+    "t5": "AutoModelForSeq2SeqLM",
+    "t5_tied": "AutoModelForSeq2SeqLM",
+    "t5_shared_head": "AutoModelForSeq2SeqLM",
+}
+DECODER_LENGTH = 16
+
+
+def auto_class(name: str) -> Any:
+    """The transformers auto class of variant ``name`` (``AutoModelForCausalLM``, ...)."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASS.get(name, "AutoModelForCausalLM"))
 
 
 def build(name: str, seed: int = 0) -> Any:
-    """A float32 ``*ForCausalLM`` of variant ``name`` with seeded random weights."""
+    """A float32 model of variant ``name`` (``*ForCausalLM``, ``*ForMaskedLM`` or
+    ``T5ForConditionalGeneration``) with seeded random weights."""
     import torch
     import transformers
 
-    cls_name, kwargs = VARIANTS[name]
+    cls_name, kwargs = LIVE_VARIANTS[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32
-    )
+    model = auto_class(name).from_config(config, attn_implementation="eager", dtype=torch.float32)
+    if name in UNTIED_HEAD:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -104,17 +166,32 @@ def build(name: str, seed: int = 0) -> Any:
     return model.eval()
 
 
-def inputs(seed: int = 0) -> np.ndarray:
-    """Fixed token ids [BATCH, LENGTH] int32."""
-    return np.random.default_rng(seed).integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+def inputs(name: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fixed int32 model inputs by transformers' argument name: ``input_ids`` [BATCH,
+    LENGTH], and BERT's ``token_type_ids`` or T5's ``decoder_input_ids``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    out = {"input_ids": ids}
+    if name == "bert":
+        out["token_type_ids"] = (np.arange(LENGTH) >= LENGTH // 2).astype(np.int32)[None]
+        out["token_type_ids"] = np.repeat(out["token_type_ids"], BATCH, axis=0)
+    if name == "roberta":
+        ids[0, 20:] = 1  # trailing padding (pad_token_id 1) ...
+        ids[1, 7] = 1  # ... and a padding token mid-row, which shifts the later positions
+    if name.startswith("t5"):
+        dec = rng.integers(0, VOCAB, (BATCH, DECODER_LENGTH)).astype(np.int32)
+        dec[:, 0] = 0  # decoder_start_token_id
+        out["decoder_input_ids"] = dec
+    return out
 
 
-def logits(model: Any, ids: np.ndarray) -> np.ndarray:
-    """The model's float32 logits [B, L, V] for ``ids``."""
+def logits(model: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's float32 logits [B, L, V] (T5: [B, M, V]) for inputs ``feed``."""
     import torch
 
+    args = {k: torch.from_numpy(v.astype(np.int64)) for k, v in feed.items()}
     with torch.no_grad():
-        return model(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+        return model(**args).logits.float().numpy()
 
 
 def _tokenizer(directory: Path) -> None:
@@ -128,17 +205,18 @@ def _tokenizer(directory: Path) -> None:
     tok.save(str(directory / "tokenizer.json"))
 
 
-def main(out: Path = OUT) -> None:
-    for name in VARIANTS:
+def main(out: Path = OUT, names: list[str] | None = None) -> None:
+    for name in names or VARIANTS:
         directory = out / name
         shutil.rmtree(directory, ignore_errors=True)
         model = build(name)
         # One sharded checkpoint (files of at most 40 KB, with an index) to cover that path.
         model.save_pretrained(directory, max_shard_size="40KB" if name == "llama" else "50GB")
         (directory / "generation_config.json").unlink(missing_ok=True)
-        ids = inputs()
-        np.save(directory / "input_ids.npy", ids)
-        np.save(directory / "logits.npy", logits(model, ids))
+        feed = inputs(name)
+        for key, value in feed.items():
+            np.save(directory / f"{key}.npy", value)
+        np.save(directory / "logits.npy", logits(model, feed))
         if name == "gpt2":
             _tokenizer(directory)
         size = sum(f.stat().st_size for f in directory.iterdir())
@@ -146,4 +224,4 @@ def main(out: Path = OUT) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT, sys.argv[2:])

@@ -10,6 +10,7 @@ from jaxtrain.data.loader import (
     process_rows,
     sample_windows,
 )
+from jaxtrain.data.objectives import Objective, corrupt_spans, mask_tokens, span_lengths
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.tokenizer import (
     ByteTokenizer,
@@ -23,16 +24,20 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "Loader",
+    "Objective",
     "TokenDataset",
     "Tokenizer",
     "batch_dtypes",
     "builtin_corpus",
+    "corrupt_spans",
     "corpus_files",
     "document_boundaries",
     "load_tokenizer",
+    "mask_tokens",
     "open_dataset",
     "prepare",
     "process_rows",
     "sample_windows",
+    "span_lengths",
     "token_dtype",
 ]

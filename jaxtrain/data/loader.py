@@ -22,12 +22,16 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from jaxtrain.data.tokenizer import Tokenizer
 from jaxtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxtrain.data.objectives import Objective
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
@@ -247,6 +251,7 @@ class Loader:
         seq_len: int,
         sharding: jax.sharding.NamedSharding,
         packing: bool = False,
+        objective: Objective | None = None,
     ):
         """Prepares to build batches.
 
@@ -257,6 +262,8 @@ class Loader:
           seq_len: tokens per row.
           sharding: the sharding of a ``(global_batch, seq_len)`` batch.
           packing: add the documents' boundaries (:func:`document_boundaries`).
+          objective: turns each window into the objective's inputs and targets
+            (:mod:`jaxtrain.data.objectives`); None: the next token.
         """
         self.dataset = dataset
         self.seed = seed
@@ -265,6 +272,8 @@ class Loader:
         self.sharding = sharding
         self.global_shape = (global_batch, seq_len)
         self.rows = process_rows(sharding, self.global_shape)
+        self.objective = objective
+        self.window = seq_len if objective is None else objective.window(seq_len)
 
     def _batch(self, tokens: np.ndarray, stream: int, step: int) -> dict[str, jax.Array]:
         local = sample_windows(
@@ -273,13 +282,25 @@ class Loader:
             step=step,
             stream=stream,
             batch=self.global_shape[0],
-            seq_len=self.seq_len,
+            seq_len=self.window,
             rows=self.rows,
         )
         if self.packing:
             local |= document_boundaries(local["inputs"], self.dataset.eos_id)
+        if self.objective is not None:
+            local = self.objective(
+                local,
+                seed=self.seed,
+                stream=stream,
+                step=step,
+                rows=self.rows,
+                vocab_size=self.dataset.vocab_size,
+                eos_id=self.dataset.eos_id,
+            )
         return {
-            k: jax.make_array_from_process_local_data(self.sharding, v, self.global_shape)
+            k: jax.make_array_from_process_local_data(
+                self.sharding, v, (self.global_shape[0], v.shape[1])
+            )
             for k, v in local.items()
         }
 

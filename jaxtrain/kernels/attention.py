@@ -65,6 +65,7 @@ def xla_attention(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention in plain JAX, accumulating in float32.
 
@@ -80,6 +81,8 @@ def xla_attention(
             fewer than ``window`` positions before it (and after it, when not causal),
             itself included. ``None`` sees every key.
         scale: softmax scale; default 1 / sqrt(H).
+        bias: optional [1 or B, N, L, S] added to the scaled scores (T5's relative
+            position bias; Raffel et al., 2020). Only this reference takes one.
 
     Returns:
         [B, L, N, H] in q's dtype.
@@ -90,6 +93,8 @@ def xla_attention(
     q = q.reshape(b, q_len, kv, n // kv, h)  # [B, L, K, G, H]
     scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(-1, kv, n // kv, q_len, k_len)
     mask = _mask(q_len, k_len, causal, segment_ids, segment_ids, window)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -138,18 +143,27 @@ def chunked_causal_attention(
     return out.transpose(0, 2, 1, 3)
 
 
-def resolve_impl(impl: str, *, causal: bool, q_len: int, k_len: int) -> str:
+def resolve_impl(impl: str, *, causal: bool, q_len: int, k_len: int, biased: bool = False) -> str:
     """The implementation ``impl`` stands for on this backend (``auto`` made concrete).
 
     ``auto`` is ``pallas`` on GPU and TPU. On CPU it is ``chunked`` where that applies
     (causal, equal query and key lengths, a length that is a multiple of, and longer
     than, the block) and the reference elsewhere: the interpreted kernel is for testing.
+    Attention with an additive score bias (``biased``) is always the reference.
 
     Raises:
         ValueError: for an unknown ``impl``.
+        UserError: for a biased call with an implementation other than auto or xla.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if biased:
+        if impl not in ("auto", "xla"):
+            raise UserError(
+                f"model.attention: {impl!r} takes no additive score bias (T5's relative "
+                "positions); use auto or xla"
+            )
+        return "xla"
     if impl != "auto":
         return impl
     if jax.default_backend() in ("gpu", "tpu"):
@@ -218,10 +232,11 @@ def attention(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
+    bias: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
     """Dispatch attention to an implementation; see :func:`xla_attention` for the contract
-    and :func:`resolve_impl` for what ``auto`` picks.
+    and :func:`resolve_impl` for what ``auto`` picks (the reference, given a ``bias``).
 
     ``pallas`` and ``cudnn`` see whole arrays: inside a sharded program call them per
     shard (``jaxtrain.sharding.per_shard``), as the model's attention layer does.
@@ -233,7 +248,9 @@ def attention(
     if window is not None and window < 1:
         raise ValueError(f"attention window must be >= 1, got {window}")
     length = q.shape[1]
-    impl = resolve_impl(impl, causal=causal, q_len=length, k_len=k.shape[1])
+    impl = resolve_impl(
+        impl, causal=causal, q_len=length, k_len=k.shape[1], biased=bias is not None
+    )
     kwargs = dict(segment_ids=segment_ids, window=window, scale=scale)
     if impl == "chunked":
         if not (causal and k.shape[1] == length and length % CHUNK == 0):
@@ -243,4 +260,4 @@ def attention(
         return flash_attention(q, k, v, causal=causal, **kwargs)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, causal=causal, **kwargs)
-    return xla_attention(q, k, v, causal=causal, **kwargs)
+    return xla_attention(q, k, v, causal=causal, bias=bias, **kwargs)

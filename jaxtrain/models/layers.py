@@ -112,12 +112,59 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU in its tanh form (HF's ``gelu_new``), as T5 v1.1's gated feed-forward uses."""
+    return jax.nn.gelu(x, approximate=True)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when ``rate`` is 0 or there is no key (evaluation)."""
     if rate == 0.0 or key is None:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    impl: str,
+    shard: Shard,
+    causal: bool,
+    segment_ids: jax.Array | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+    """Attention through the kernel dispatcher (:func:`jaxtrain.kernels.attention`).
+
+    An opaque kernel (Pallas, cuDNN) cannot be partitioned by XLA, so it runs per shard:
+    each device gets its own rows and heads, with the length whole.
+    """
+    impl = resolve_impl(
+        impl, causal=causal, q_len=q.shape[1], k_len=k.shape[1], biased=bias is not None
+    )
+
+    def fn(q, k, v, segment_ids):
+        return attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            causal=causal,
+            window=window,
+            scale=scale,
+            bias=bias,
+            impl=impl,
+        )
+
+    if impl in KERNEL_IMPLS:  # never biased: resolve_impl keeps biased calls on the reference
+        heads = ("batch", None, "act_heads", None)
+        kv_heads = ("batch", None, "act_kv_heads", None)
+        fn = per_shard(fn, shard, (heads, kv_heads, kv_heads, ("batch", None)), heads)
+    return fn(q, k, v, segment_ids)
 
 
 class Attention(nnx.Module):
@@ -210,25 +257,23 @@ class Attention(nnx.Module):
         q = self.shard(q, ("batch", "length", "act_heads", None))
         k = self.shard(k, ("batch", "length", "act_kv_heads", None))
         v = self.shard(v, ("batch", "length", "act_kv_heads", None))
-        impl = resolve_impl(self.impl, causal=True, q_len=q.shape[1], k_len=k.shape[1])
-
-        def attend(q, k, v, segment_ids):
-            return attention(
-                q, k, v, segment_ids=segment_ids, causal=True, window=self.window, impl=impl
-            )
-
-        if impl in KERNEL_IMPLS:  # an opaque kernel: give it each device's rows and heads
-            heads = ("batch", None, "act_heads", None)
-            kv_heads = ("batch", None, "act_kv_heads", None)
-            axes = (heads, kv_heads, kv_heads, ("batch", None))
-            attend = per_shard(attend, self.shard, axes, heads)
-        out = attend(q, k, v, segment_ids)
+        out = attend(
+            q,
+            k,
+            v,
+            impl=self.impl,
+            shard=self.shard,
+            causal=True,
+            segment_ids=segment_ids,
+            window=self.window,
+        )
         out = jnp.einsum("BLNH,NHD->BLD", out, self.wo[...].astype(dt))
         return out + self.bo[...].astype(dt) if self.out_bias else out
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU with the default ``silu``,
+    T5 v1.1's gated GELU with :func:`gelu_tanh` (Shazeer, 2020)."""
 
     def __init__(
         self,
@@ -240,12 +285,15 @@ class MLP(nnx.Module):
         compute_dtype: jnp.dtype,
         shard: Shard,
         rngs: nnx.Rngs,
+        in_std: float = 0.02,
+        activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
     ):
-        init = nnx.initializers.normal(0.02)
+        init = nnx.initializers.normal(in_std)
         self.w_gate = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
         self.w_up = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
         out_init = nnx.initializers.normal(out_std)
         self.w_down = param(rngs, out_init, (mlp_dim, d_model), ("mlp", "embed"), param_dtype)
+        self.activation = activation
         self.compute_dtype = compute_dtype
         self.shard = shard
 
@@ -253,12 +301,13 @@ class MLP(nnx.Module):
         dt = self.compute_dtype
         gate = jnp.einsum("BLD,DF->BLF", x, self.w_gate[...].astype(dt))
         up = jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(dt))
-        hidden = self.shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        hidden = self.shard(self.activation(gate) * up, ("batch", "length", "act_mlp"))
         return jnp.einsum("BLF,FD->BLD", hidden, self.w_down[...].astype(dt))
 
 
 class GeluMLP(nnx.Module):
-    """GPT-2's feed-forward: out(gelu(in(x) + b_in)) + b_out, GELU in its tanh form."""
+    """GPT-2's feed-forward: out(gelu(in(x) + b_in)) + b_out, GELU in its tanh form
+    (``approximate``) or exact, with erf (BERT)."""
 
     def __init__(
         self,
@@ -270,6 +319,7 @@ class GeluMLP(nnx.Module):
         compute_dtype: jnp.dtype,
         shard: Shard,
         rngs: nnx.Rngs,
+        approximate: bool = True,
     ):
         init, zeros = nnx.initializers.normal(0.02), nnx.initializers.zeros
         self.w_in = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
@@ -277,12 +327,14 @@ class GeluMLP(nnx.Module):
         out_init = nnx.initializers.normal(out_std)
         self.w_out = param(rngs, out_init, (mlp_dim, d_model), ("mlp", "embed"), param_dtype)
         self.b_out = param(rngs, zeros, (d_model,), ("bias",), param_dtype)
+        self.approximate = approximate
         self.compute_dtype = compute_dtype
         self.shard = shard
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
         hidden = jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt)
-        hidden = self.shard(jax.nn.gelu(hidden, approximate=True), ("batch", "length", "act_mlp"))
+        hidden = jax.nn.gelu(hidden, approximate=self.approximate)
+        hidden = self.shard(hidden, ("batch", "length", "act_mlp"))
         out = jnp.einsum("BLF,FD->BLD", hidden, self.w_out[...].astype(dt))
         return out + self.b_out[...].astype(dt)

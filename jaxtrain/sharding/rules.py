@@ -38,7 +38,9 @@ _REPLICATED: dict[str, MeshAxes] = {
     "head_dim": None,
     "norm": None,
     "bias": None,  # the last axis of a bias: small, kept whole (and not weight-decayed)
-    "positions": None,  # rows of a learned position table (GPT-2)
+    "positions": None,  # rows of a learned position table (GPT-2, BERT)
+    "token_types": None,  # rows of BERT's token-type (segment A/B) table
+    "rel_buckets": None,  # rows of T5's relative position bias table
 }
 
 _ZERO3 = _REPLICATED | {"embed": "fsdp"}

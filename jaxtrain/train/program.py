@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxtrain.config import Config
-from jaxtrain.data import Loader, TokenDataset, batch_dtypes
+from jaxtrain.data import Loader, Objective, TokenDataset
 from jaxtrain.sharding import Rules, partition_spec, preset
 from jaxtrain.train.optim import make_optimizer
 from jaxtrain.train.state import ModelSpec, TrainState, create_state, model_spec, state_shardings
@@ -56,16 +56,24 @@ class Program:
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         cfg = self.config
-        shape = (rows or cfg.train.global_batch, cfg.data.seq_len)
+        layout = Objective.from_config(cfg).layout(cfg.data.seq_len, cfg.data.packing)
         return {
-            key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
-            for key, dtype in batch_dtypes(cfg.data.packing).items()
+            key: jax.ShapeDtypeStruct(
+                (rows or cfg.train.global_batch, length), dtype, sharding=self.batch_sharding
+            )
+            for key, (length, dtype) in layout.items()
         }
 
     def loader(self, dataset: TokenDataset) -> Loader:
         """The batch loader for ``dataset``: this config's seed, batch and length, batches
-        laid out in this program's batch sharding."""
+        laid out in this program's batch sharding, made for the config's objective.
+
+        Raises:
+            UserError: if the objective's special token ids collide with the data's EOS.
+        """
         cfg = self.config
+        objective = Objective.from_config(cfg)
+        objective.check(dataset.eos_id, cfg.data.seq_len)
         return Loader(
             dataset,
             seed=cfg.train.seed,
@@ -73,6 +81,7 @@ class Program:
             seq_len=cfg.data.seq_len,
             sharding=self.batch_sharding,
             packing=cfg.data.packing,
+            objective=objective,
         )
 
     def compile(self) -> tuple[Any, float]:
@@ -96,7 +105,8 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         where="batch",
     )
     batch_sharding = NamedSharding(mesh, batch_spec)
-    batch_shardings = {key: batch_sharding for key in batch_dtypes(config.data.packing)}
+    layout = Objective.from_config(config).layout(config.data.seq_len, config.data.packing)
+    batch_shardings = {key: batch_sharding for key in layout}
     step = make_train_step(
         spec,
         tx,

@@ -34,6 +34,15 @@ def cross_entropy_sum(
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+def model_inputs(batch: Batch) -> dict[str, jax.Array | None]:
+    """The model's keyword inputs in a batch: the documents' positions and segment ids
+    (None unless packed) and, for an encoder-decoder, the decoder's inputs."""
+    kwargs = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
+    if "decoder_inputs" in batch:
+        kwargs["decoder_inputs"] = batch["decoder_inputs"]
+    return kwargs
+
+
 def _split_microbatches(batch: Batch, n: int) -> Batch:
     """[B, ...] -> [n, B/n, ...], microbatch m taking rows m, m+n, m+2n, ...
 
@@ -63,13 +72,7 @@ def make_train_step(
     """
 
     def loss_fn(params, batch, key):
-        logits = spec.apply(
-            params,
-            batch["inputs"],
-            positions=batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-            dropout_key=key,
-        )
+        logits = spec.apply(params, batch["inputs"], dropout_key=key, **model_inputs(batch))
         loss_sum, count = cross_entropy_sum(logits, batch["targets"], batch.get("weights"))
         return loss_sum, count
 
@@ -133,12 +136,7 @@ def make_eval_step(spec: ModelSpec) -> Callable[[Any, Batch], dict[str, jax.Arra
     """``eval_step(params, batch) -> {"loss_sum", "count"}``, no dropout."""
 
     def eval_step(params, batch):
-        logits = spec.apply(
-            params,
-            batch["inputs"],
-            positions=batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-        )
+        logits = spec.apply(params, batch["inputs"], **model_inputs(batch))
         loss_sum, count = cross_entropy_sum(logits, batch["targets"], batch.get("weights"))
         return {"loss_sum": loss_sum, "count": count}
 

@@ -2,10 +2,12 @@
 
 Covered architectures: ``LlamaForCausalLM`` (Llama 2, Llama 3, Llama 3.1 RoPE scaling),
 ``MistralForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` map onto the
-``llama`` family's switches; ``GPT2LMHeadModel`` onto ``gpt2``. Both the transformers 4
-(``rope_theta`` + ``rope_scaling``) and 5 (``rope_parameters``) spellings are read.
-Anything these classes can express that jaxtrain does not compute (other RoPE scalings,
-per-layer sliding windows, output biases on LLaMA) is refused with the key named.
+``llama`` family's switches; ``GPT2LMHeadModel`` onto ``gpt2``; ``BertForMaskedLM`` and
+``RobertaForMaskedLM`` onto ``bert`` and ``roberta``; ``T5ForConditionalGeneration``
+(v1.1 / FLAN-T5: gated GELU) onto ``t5``. Both the transformers 4 (``rope_theta`` +
+``rope_scaling``) and 5 (``rope_parameters``) spellings are read. Anything these classes
+can express that jaxtrain does not compute (other RoPE scalings, per-layer sliding
+windows, output biases on LLaMA, T5's ReLU feed-forward) is refused with the key named.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "bert": "BertForMaskedLM",
+    "roberta": "RobertaForMaskedLM",
+    "t5": "T5ForConditionalGeneration",
 }
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -45,6 +50,9 @@ ARCHITECTURE_FIELDS = (
     "qkv_bias",
     "qk_norm",
     "sliding_window",
+    "type_vocab_size",
+    "relative_buckets",
+    "relative_max_distance",
 )
 
 
@@ -147,6 +155,78 @@ def _gpt2(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _bert(hf: dict[str, Any], model_type: str) -> ModelConfig:
+    """BERT and RoBERTa; RoBERTa's ``max_position_embeddings`` counts the ``pad + 1``
+    rows its positions skip, our ``max_seq_len`` does not."""
+    act = hf.get("hidden_act", "gelu")
+    _refuse(act == "gelu", "hidden_act", f"{act!r}: only the exact gelu is mapped")
+    kind = hf.get("position_embedding_type", "absolute")
+    _refuse(kind == "absolute", "position_embedding_type", f"{kind!r} is not supported")
+    for key in ("is_decoder", "add_cross_attention"):
+        _refuse(not hf.get(key, False), key, "true is not supported (an encoder only)")
+    _refuse(
+        hf.get("tie_word_embeddings", True),
+        "tie_word_embeddings",
+        "false is not supported: the MLM decoder is the word embedding",
+    )
+    heads = hf["num_attention_heads"]
+    pad = hf.get("pad_token_id")
+    pad = (1 if model_type == "roberta" else 0) if pad is None else pad
+    positions = hf.get("max_position_embeddings", 512)
+    return ModelConfig(
+        family=model_type,
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=heads,
+        mlp_dim=hf["intermediate_size"],
+        max_seq_len=positions - (pad + 1 if model_type == "roberta" else 0),
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        tie_embeddings=True,
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        pad_id=pad,
+    )
+
+
+def _t5(hf: dict[str, Any]) -> ModelConfig:
+    """T5 v1.1. The LM head is untied and unscaled, or (original T5) the embedding with
+    the output scaled by ``d_model^-0.5``; transformers 5 spells the scaling
+    ``scale_decoder_outputs``, 4 implies it with ``tie_word_embeddings``."""
+    proj = hf.get("feed_forward_proj", "relu")
+    act = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]
+    _refuse(
+        proj.startswith("gated-") and act in _GELU_TANH,
+        "feed_forward_proj",
+        f"{proj!r}: only the gated GELU of T5 v1.1 / FLAN-T5 is mapped",
+    )
+    layers = hf.get("num_layers", 6)
+    decoder_layers = hf.get("num_decoder_layers") or layers
+    _refuse(decoder_layers == layers, "num_decoder_layers", "must equal num_layers")
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    heads = hf.get("num_heads", 8)
+    pad = hf.get("pad_token_id")
+    pad = 0 if pad is None else pad
+    start = hf.get("decoder_start_token_id")
+    return ModelConfig(
+        family="t5",
+        vocab_size=hf.get("vocab_size", 32128),
+        d_model=hf.get("d_model", 512),
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=hf.get("d_kv", 64),
+        mlp_dim=hf.get("d_ff", 2048),
+        max_seq_len=hf.get("n_positions", 512),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
+        tie_embeddings=bool(scaled),
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        pad_id=pad,
+        decoder_start_id=pad if start is None else start,
+    )
+
+
 def config_from_hf(hf: dict[str, Any] | str | Path) -> ModelConfig:
     """The :class:`ModelConfig` of an HF ``config.json`` (a dict, or the model directory).
 
@@ -163,6 +243,10 @@ def config_from_hf(hf: dict[str, Any] | str | Path) -> ModelConfig:
             f"config.json model_type: {model_type!r} is not supported "
             f"(supported: {', '.join(ARCHITECTURES)})"
         )
+    if model_type in ("bert", "roberta"):
+        return _bert(hf, model_type)
+    if model_type == "t5":
+        return _t5(hf)
     return _gpt2(hf) if model_type == "gpt2" else _llama(hf, model_type)
 
 
@@ -195,6 +279,52 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             attention).
     """
     dtype = {"dtype": cfg.param_dtype}
+    if cfg.family in ("bert", "roberta", "t5"):
+        _check(cfg.n_kv_heads == cfg.n_heads, "model.n_kv_heads", f"!= n_heads in {cfg.family}")
+    if cfg.family in ("bert", "roberta"):
+        _check(cfg.head_dim * cfg.n_heads == cfg.d_model, "model.head_dim", "!= d_model/n_heads")
+        _check(cfg.tie_embeddings, "model.tie_embeddings", "false (an untied MLM decoder)")
+        offset = cfg.pad_id + 1 if cfg.family == "roberta" else 0
+        return {
+            "architectures": [ARCHITECTURES[cfg.family]],
+            "model_type": cfg.family,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "intermediate_size": cfg.mlp_dim,
+            "hidden_act": "gelu",
+            "max_position_embeddings": cfg.max_seq_len + offset,
+            "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps,
+            "pad_token_id": cfg.pad_id,
+            "tie_word_embeddings": True,
+            **dtype,
+        }
+    if cfg.family == "t5":
+        return {
+            "architectures": [ARCHITECTURES["t5"]],
+            "model_type": "t5",
+            "is_encoder_decoder": True,
+            "vocab_size": cfg.vocab_size,
+            "d_model": cfg.d_model,
+            "d_kv": cfg.head_dim,
+            "d_ff": cfg.mlp_dim,
+            "num_layers": cfg.n_layers,
+            "num_decoder_layers": cfg.n_layers,
+            "num_heads": cfg.n_heads,
+            "relative_attention_num_buckets": cfg.relative_buckets,
+            "relative_attention_max_distance": cfg.relative_max_distance,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "feed_forward_proj": "gated-gelu",
+            "n_positions": cfg.max_seq_len,
+            "pad_token_id": cfg.pad_id,
+            "decoder_start_token_id": cfg.decoder_start_id,
+            # v1.1 (untied, unscaled) or the original T5's scaled, tied head.
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "scale_decoder_outputs": cfg.tie_embeddings,
+            **dtype,
+        }
     if cfg.family == "gpt2":
         _check(cfg.n_kv_heads == cfg.n_heads, "model.n_kv_heads", "!= n_heads in GPT-2")
         _check(cfg.head_dim * cfg.n_heads == cfg.d_model, "model.head_dim", "!= d_model/n_heads")

@@ -7,7 +7,8 @@ own, so no step holds the whole model on one device or in host memory.
 
 Export: each HF tensor is gathered from the devices (one at a time), laid out as HF
 stores it, and written to size-capped safetensors shards with an index, next to a
-``config.json`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+``config.json`` that transformers' ``from_pretrained`` loads (``AutoModelForCausalLM``,
+``AutoModelForMaskedLM`` for BERT and RoBERTa, ``AutoModelForSeq2SeqLM`` for T5).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from jaxtrain.models.hf.files import (
     read_block,
     write_shards,
 )
-from jaxtrain.models.hf.mapping import IGNORED_SUFFIXES, Source, sources
+from jaxtrain.models.hf.mapping import IGNORED_SUFFIXES, Source, sources, tied_copies
 from jaxtrain.sharding import Rules, param_logical_axes, path_str, preset, tree_shardings
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
@@ -68,10 +69,11 @@ def check_architecture(cfg: ModelConfig, directory: str | Path) -> None:
         UserError: naming every differing ``model.*`` key and the value to set.
     """
     theirs = config_from_hf(read_config(directory))
-    if cfg.family == "gpt2" or theirs.family == "gpt2":
-        fields = (*ARCHITECTURE_FIELDS, "max_seq_len")  # the position table's rows
-    else:
-        fields = ARCHITECTURE_FIELDS
+    fields = ARCHITECTURE_FIELDS
+    if {cfg.family, theirs.family} & {"gpt2", "bert", "roberta"}:
+        fields = (*fields, "max_seq_len")  # the position table's rows
+    if "roberta" in (cfg.family, theirs.family):
+        fields = (*fields, "pad_id")  # RoBERTa's positions start after it
     diffs = []
     for name in fields:
         want = getattr(theirs, name)
@@ -120,16 +122,18 @@ def load_params(
         resolved = {}
         for path, src in wanted.items():
             names = tuple(ckpt.resolve(n) for n in src.names)
+            if src.fallback is not None and None in names and ckpt.resolve(src.fallback):
+                names = (ckpt.resolve(src.fallback),)
             missing = [n for n, r in zip(src.names, names, strict=True) if r is None]
             if missing:
                 raise UserError(f"{directory}: the checkpoint has no tensor {missing[0]}")
             resolved[path] = dataclasses.replace(src, names=names)
         used = {name for src in resolved.values() for name in src.names}
-        tied_head = "lm_head.weight" if cfg.tie_embeddings else None  # a copy, if saved
+        copies = tied_copies(cfg)  # tied copies, if saved
         extra = sorted(
             name
             for name in set(ckpt.files) - used
-            if not name.endswith(IGNORED_SUFFIXES) and name != tied_head
+            if not name.endswith(IGNORED_SUFFIXES) and name not in copies
         )
         if extra:
             raise UserError(

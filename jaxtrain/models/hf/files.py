@@ -72,9 +72,15 @@ class Checkpoint(contextlib.AbstractContextManager):
 
     def resolve(self, name: str) -> str | None:
         """The stored name of ``name``: as is, or without the base-model prefix that
-        checkpoints of a bare ``LlamaModel``/``GPT2Model`` (and the original GPT-2) lack."""
+        checkpoints of a bare ``LlamaModel``/``GPT2Model`` (and the original GPT-2) lack,
+        or with the ``gamma``/``beta`` LayerNorm names of checkpoints converted from
+        TensorFlow (the original BERT)."""
         if name in self.files:
             return name
+        for ours, theirs in ((".weight", ".gamma"), (".bias", ".beta")):
+            legacy = name.removesuffix(ours) + theirs
+            if "LayerNorm" in name and name.endswith(ours) and legacy in self.files:
+                return legacy
         prefix, _, stripped = name.partition(".")
         return stripped if prefix in ("model", "transformer") and stripped in self.files else None
 

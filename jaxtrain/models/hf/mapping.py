@@ -8,12 +8,13 @@ wk and wv [D, K, H], wo [N, H, D], MLP weights [D, F] and [F, D], embedding [V, 
 LM head [D, V]; HF's ``nn.Linear`` stores [out, in] and GPT-2's ``Conv1D`` [in, out].
 
 Dimensions: D model width, N heads, K kv heads, H head dim, F MLP width, V vocabulary,
-P positions.
+P positions, T token types, R relative-position buckets.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from jaxtrain.config import ModelConfig
 
@@ -33,6 +34,8 @@ class Source:
         part: ``(axis, start, stop)`` when only that range of the HF tensor is ours
             (GPT-2 fuses q, k and v into one ``c_attn``).
         layered: ``names`` has one tensor per layer.
+        fallback: read this tensor instead when the checkpoint lacks ``names`` (a T5
+            that transformers 5 built ties its LM head to ``shared`` unscaled).
     """
 
     names: tuple[str, ...]
@@ -41,6 +44,7 @@ class Source:
     perm: tuple[int, ...] | None = None
     part: tuple[int, int, int] | None = None
     layered: bool = False
+    fallback: str | None = None
 
     @property
     def part_shape(self) -> tuple[int, ...]:
@@ -150,10 +154,140 @@ def gpt2_sources(cfg: ModelConfig) -> dict[Path, Source]:
     return out
 
 
-SOURCES = {"llama": llama_sources, "gpt2": gpt2_sources}
+def _attention(
+    layer: Callable[..., Source], names: tuple[str, str, str, str], n: int, h: int, d: int
+) -> dict[str, Source]:
+    """wq, wk, wv and wo (N heads of H) from the ``nn.Linear`` weights named q, k, v, o."""
+    q, k, v, o = names
+    to_dnh = (2, 0, 1)  # [N, H, D] -> [D, N, H]
+    return {
+        "wq": layer(q, (n * h, d), (n, h, d), to_dnh),
+        "wk": layer(k, (n * h, d), (n, h, d), to_dnh),
+        "wv": layer(v, (n * h, d), (n, h, d), to_dnh),
+        "wo": layer(o, (d, n * h), (d, n, h), (1, 2, 0)),
+    }
 
-# HF tensors that are buffers or tied copies, never parameters of ours.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+def bert_sources(cfg: ModelConfig) -> dict[Path, Source]:
+    """BertForMaskedLM and RobertaForMaskedLM: the encoder under ``bert.`` or
+    ``roberta.``; the MLM head's transform and bias under ``cls.predictions.`` or
+    ``lm_head.`` (its decoder weight is the word embedding)."""
+    d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+    base = cfg.family  # "bert" or "roberta"
+
+    def layer(name: str, hf: tuple[int, ...], view=None, perm=None) -> Source:
+        names = _layers(cfg, f"{base}.encoder.layer.{{i}}.{name}")
+        return Source(names, hf, view, perm, layered=True)
+
+    rows = cfg.max_seq_len + (cfg.pad_id + 1 if base == "roberta" else 0)
+    emb = f"{base}.embeddings."
+    out = {
+        ("embed",): Source((f"{emb}word_embeddings.weight",), (v, d)),
+        ("pos_embed",): Source((f"{emb}position_embeddings.weight",), (rows, d)),
+        ("type_embed",): Source((f"{emb}token_type_embeddings.weight",), (cfg.type_vocab_size, d)),
+        ("embed_norm", "scale"): Source((f"{emb}LayerNorm.weight",), (d,)),
+        ("embed_norm", "bias"): Source((f"{emb}LayerNorm.bias",), (d,)),
+    }
+    qkv = (f"attention.self.{x}.weight" for x in ("query", "key", "value"))
+    attn = _attention(layer, (*qkv, "attention.output.dense.weight"), n, h, d)
+    for name, src in attn.items():
+        out[("blocks", "attn", name)] = src
+    for name, hf_name in (("bq", "query"), ("bk", "key"), ("bv", "value")):
+        out[("blocks", "attn", name)] = layer(f"attention.self.{hf_name}.bias", (n * h,), (n, h))
+    out[("blocks", "attn", "bo")] = layer("attention.output.dense.bias", (d,))
+    out[("blocks", "mlp", "w_in")] = layer("intermediate.dense.weight", (f, d), None, (1, 0))
+    out[("blocks", "mlp", "b_in")] = layer("intermediate.dense.bias", (f,))
+    out[("blocks", "mlp", "w_out")] = layer("output.dense.weight", (d, f), None, (1, 0))
+    out[("blocks", "mlp", "b_out")] = layer("output.dense.bias", (d,))
+    for norm, hf_norm in (
+        ("attn_norm", "attention.output.LayerNorm"),
+        ("mlp_norm", "output.LayerNorm"),
+    ):
+        out[("blocks", norm, "scale")] = layer(f"{hf_norm}.weight", (d,))
+        out[("blocks", norm, "bias")] = layer(f"{hf_norm}.bias", (d,))
+    head, norm = ("cls.predictions.transform.", "LayerNorm")
+    if base == "roberta":
+        head, norm = "lm_head.", "layer_norm"
+    out[("head_w",)] = Source((f"{head}dense.weight",), (d, d), perm=(1, 0))
+    out[("head_b",)] = Source((f"{head}dense.bias",), (d,))
+    out[("head_norm", "scale")] = Source((f"{head}{norm}.weight",), (d,))
+    out[("head_norm", "bias")] = Source((f"{head}{norm}.bias",), (d,))
+    bias = "lm_head.bias" if base == "roberta" else "cls.predictions.bias"
+    out[("out_bias",)] = Source((bias,), (v,))
+    return out
+
+
+def t5_sources(cfg: ModelConfig) -> dict[Path, Source]:
+    """T5ForConditionalGeneration. Each stack's relative position bias is its first
+    layer's; the encoder's blocks are ``layer.0`` attention and ``layer.1`` feed-forward,
+    the decoder's ``layer.0`` self-, ``layer.1`` cross-attention, ``layer.2`` feed-forward."""
+    d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+    out: dict[Path, Source] = {("embed",): Source(("shared.weight",), (v, d))}
+    stacks = {
+        "encoder": ("attn", "mlp"),
+        "decoder": ("self_attn", "cross_attn", "mlp"),
+    }
+    for stack, sublayers in stacks.items():
+
+        def layer(name: str, hf: tuple[int, ...], view=None, perm=None, stack=stack) -> Source:
+            return Source(_layers(cfg, f"{stack}.block.{{i}}.{name}"), hf, view, perm, layered=True)
+
+        first = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        out[(f"{stack}_bias",)] = Source((first,), (cfg.relative_buckets, n))
+        out[(f"{stack}_norm", "scale")] = Source((f"{stack}.final_layer_norm.weight",), (d,))
+        for index, ours in enumerate(sublayers):
+            sub = f"layer.{index}."
+            out[(stack, f"{ours}_norm", "scale")] = layer(f"{sub}layer_norm.weight", (d,))
+            if ours == "mlp":
+                ff = f"{sub}DenseReluDense."
+                out[(stack, "mlp", "w_gate")] = layer(f"{ff}wi_0.weight", (f, d), None, (1, 0))
+                out[(stack, "mlp", "w_up")] = layer(f"{ff}wi_1.weight", (f, d), None, (1, 0))
+                out[(stack, "mlp", "w_down")] = layer(f"{ff}wo.weight", (d, f), None, (1, 0))
+                continue
+            theirs = f"{sub}{'EncDecAttention' if ours == 'cross_attn' else 'SelfAttention'}."
+            names = tuple(f"{theirs}{x}.weight" for x in "qkvo")
+            for name, src in _attention(layer, names, n, h, d).items():
+                out[(stack, ours, name)] = src
+    if not cfg.tie_embeddings:
+        out[("lm_head",)] = Source(
+            ("lm_head.weight",), (v, d), perm=(1, 0), fallback="shared.weight"
+        )
+    return out
+
+
+SOURCES = {
+    "llama": llama_sources,
+    "gpt2": gpt2_sources,
+    "bert": bert_sources,
+    "roberta": bert_sources,
+    "t5": t5_sources,
+}
+
+# HF tensors that are buffers, or heads and tables that no model of ours has (BERT's
+# pooler and next-sentence head, T5's unused cross-attention bias); never parameters.
+IGNORED_SUFFIXES = (
+    ".attn.bias",
+    ".attn.masked_bias",
+    ".rotary_emb.inv_freq",
+    "embeddings.position_ids",
+    ".pooler.dense.weight",
+    ".pooler.dense.bias",
+    "cls.seq_relationship.weight",
+    "cls.seq_relationship.bias",
+    "EncDecAttention.relative_attention_bias.weight",
+)
+
+
+def tied_copies(cfg: ModelConfig) -> set[str]:
+    """HF tensors that are copies of a tied parameter of ours, ignored when saved."""
+    if cfg.family == "bert":
+        return {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if cfg.family == "roberta":
+        return {"lm_head.decoder.weight", "lm_head.decoder.bias"}
+    copies = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if cfg.family == "t5":
+        copies |= {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    return copies
 
 
 def sources(cfg: ModelConfig) -> dict[Path, Source]:
