@@ -319,7 +319,7 @@ class TrainConfig:
     the objective: ``causal_lm`` (next token), ``mlm`` (masked tokens, BERT) or
     ``span_corruption`` (T5)."""
 
-    steps: int = 250
+    steps: int = 150
     global_batch: int = 16
     microbatches: int = 1
     seed: int = 0
