@@ -26,6 +26,7 @@ import pytest
 from tiny import TINY
 
 from jaxtrain import cli, config
+from jaxtrain.errors import UserError
 from jaxtrain.launch import free_port
 from jaxtrain.sharding import make_mesh
 from jaxtrain.sharding.mesh import _hybrid_grid
@@ -199,6 +200,15 @@ def test_hybrid_grid_keeps_within_host_axes_on_one_host():
     assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
     grid = _hybrid_grid((2, 4, 1, 1), (1, 2, 1, 1), devices)  # half of fsdp across
     assert [{d.process_index for d in grid[:, j].flat} for j in range(4)] == [{0}, {0}, {1}, {1}]
+    # One process per device (JAX's SLURM default): a host is a run of consecutive ranks.
+    devices = [FakeDevice(i, i) for i in range(8)]
+    grid = _hybrid_grid((2, 4, 1, 1), (2, 1, 1, 1), devices)
+    assert [sorted(d.process_index for d in grid[i].flat) for i in range(2)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
+    with pytest.raises(UserError, match="^mesh.dcn_data: .* 3 host groups"):
+        _hybrid_grid((3, 1, 1, 1), (3, 1, 1, 1), devices[:4])
 
 
 def test_checkpoints_move_between_process_counts(tmp_path, reference):

@@ -5,8 +5,8 @@ parallelism lands. Axis order puts ``tensor`` innermost, so tensor-parallel grou
 neighbouring devices (the fastest links on GPU nodes and TPU slices).
 
 In a multi-host run, ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` > 1 build a hybrid mesh: those
-ways of the axis span host groups (TPU slices, or processes where devices carry no slice
-index) and everything else, ``tensor`` included, stays on one host's fast interconnect.
+ways of the axis span host groups (TPU slices, or runs of consecutive process ranks) and
+everything else, ``tensor`` included, stays on one host's fast interconnect.
 """
 
 from __future__ import annotations
@@ -48,18 +48,33 @@ def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def _hybrid_grid(shape: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
-    """Devices laid out with ``dcn`` ways across host groups and the rest within each."""
+    """Devices laid out with ``dcn`` ways across host groups and the rest within each.
+
+    The host groups are the TPU slices or the processes when there are that many (JAX's
+    ``create_hybrid_device_mesh``); with several processes per host (one per GPU, as JAX
+    runs under SLURM) they are runs of consecutive process ranks, as SLURM and
+    ``jaxtrain launch`` number a host's processes.
+    """
     groups = math.prod(dcn)
     slices = {getattr(d, "slice_index", 0) for d in devices}
-    processes = {d.process_index for d in devices}
-    if len(slices) == groups:
-        by_process = False
-    elif len(processes) == groups:
-        by_process = True
-    else:
+    processes = sorted({d.process_index for d in devices})
+    within = tuple(size // ways for size, ways in zip(shape, dcn, strict=True))
+    if groups in (len(slices), len(processes)):
+        return mesh_utils.create_hybrid_device_mesh(
+            within, dcn, devices, process_is_granule=len(slices) != groups
+        )
+    if len(processes) % groups:
         raise UserError(
             f"mesh.dcn_data: dcn_data*dcn_fsdp = {groups} host groups, but the devices form "
             f"{len(processes)} processes and {len(slices)} slices"
         )
-    within = tuple(size // ways for size, ways in zip(shape, dcn, strict=True))
-    return mesh_utils.create_hybrid_device_mesh(within, dcn, devices, process_is_granule=by_process)
+    rank = {p: i for i, p in enumerate(processes)}
+    per_group = len(processes) // groups
+    members: list[list] = [[] for _ in range(groups)]
+    for device in devices:
+        members[rank[device.process_index] // per_group].append(device)
+    blocks = np.stack([mesh_utils.create_device_mesh(within, devices=m) for m in members])
+    blocks = blocks.reshape(*dcn, *within)
+    n = len(shape)
+    # Axis i becomes (group part, within part), the group index outermost.
+    return blocks.transpose([axis for i in range(n) for axis in (i, n + i)]).reshape(shape)
