@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
-from jaxtrain.models.layers import GeluMLP, LayerNorm, Shard, dropout, no_shard, param
+from jaxtrain.models.layers import GeluMLP, LayerNorm, Shard, dropout, no_shard, param, vocab_logits
 from jaxtrain.models.mha import MultiHeadAttention
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -145,9 +145,7 @@ class Bert(nnx.Module):
         )
         h = jnp.einsum("BLD,DF->BLF", x, self.head_w[...].astype(cdt))
         h = self.head_norm(jax.nn.gelu(h + self.head_b[...].astype(cdt), approximate=False))
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("BLD,VD->BLV", h, self.embed[...].astype(cdt))
-        else:
-            logits = jnp.einsum("BLD,DV->BLV", h, self.lm_head[...].astype(cdt))
+        head = None if cfg.tie_embeddings else self.lm_head
+        logits = vocab_logits(h, self.embed, head, cdt)
         logits = (logits + self.out_bias[...].astype(cdt)).astype(jnp.float32)
         return self.shard(logits, ("batch", "length", "act_vocab"))

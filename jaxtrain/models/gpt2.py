@@ -23,6 +23,7 @@ from jaxtrain.models.layers import (
     dropout,
     no_shard,
     param,
+    vocab_logits,
 )
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -120,9 +121,7 @@ class GPT2(nnx.Module):
             dropout_key=dropout_key,
         )
         x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("BLD,VD->BLV", x, self.embed[...].astype(cdt))
-        else:
-            logits = jnp.einsum("BLD,DV->BLV", x, self.lm_head[...].astype(cdt))
+        head = None if cfg.tie_embeddings else self.lm_head
+        logits = vocab_logits(x, self.embed, head, cdt)
         logits = logits.astype(jnp.float32)
         return self.shard(logits, ("batch", "length", "act_vocab"))

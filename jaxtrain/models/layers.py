@@ -125,6 +125,16 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def vocab_logits(
+    x: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype: jnp.dtype
+) -> jax.Array:
+    """x [B, L, D] -> [B, L, V] in ``dtype``: through the tied embedding [V, D] when
+    ``lm_head`` is None, else through ``lm_head`` [D, V]."""
+    if lm_head is None:
+        return jnp.einsum("BLD,VD->BLV", x, embed[...].astype(dtype))
+    return jnp.einsum("BLD,DV->BLV", x, lm_head[...].astype(dtype))
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,

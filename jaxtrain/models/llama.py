@@ -27,6 +27,7 @@ from jaxtrain.models.layers import (
     no_shard,
     param,
     rope_tables,
+    vocab_logits,
 )
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -133,9 +134,7 @@ class Llama(nnx.Module):
         )
 
         x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("BLD,VD->BLV", x, self.embed[...].astype(cdt))
-        else:
-            logits = jnp.einsum("BLD,DV->BLV", x, self.lm_head[...].astype(cdt))
+        head = None if cfg.tie_embeddings else self.lm_head
+        logits = vocab_logits(x, self.embed, head, cdt)
         logits = logits.astype(jnp.float32)
         return self.shard(logits, ("batch", "length", "act_vocab"))
