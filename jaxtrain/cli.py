@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from collections.abc import Sequence
 
-from jaxtrain.errors import UserError
+from jaxtrain.errors import UserError, one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported like every other: one ``jaxtrain: error:``
+    line (and exit status 2), pointing at ``--help`` instead of printing the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"jaxtrain: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jaxtrain", description="Train Transformer models with JAX/XLA SPMD."
-    )
+    parser = _Parser(prog="jaxtrain", description="Train Transformer models with JAX/XLA SPMD.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p: argparse.ArgumentParser) -> None:
@@ -74,10 +81,28 @@ def _parser() -> argparse.ArgumentParser:
         "command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="e.g. -- train"
     )
 
-    prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet into token files")
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize .txt/.jsonl/.parquet into token files",
+        description="Tokenize UTF-8 .txt/.jsonl/.parquet documents into DIR. The dataset is "
+        "written aside and moved into place only once complete; an existing one is replaced "
+        "only with --overwrite.",
+    )
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH")
     prep.add_argument("--output", required=True, metavar="DIR")
+    prep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DIR if it already holds a prepared dataset (it is kept if prepare fails)",
+    )
     prep.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path")
+    prep.add_argument(
+        "--eos-id",
+        type=int,
+        default=-1,
+        metavar="ID",
+        help="end-of-document id (data.eos_id); -1: the tokenizer's own",
+    )
     prep.add_argument("--val-fraction", type=float, default=0.01)
     prep.add_argument("--seed", type=int, default=0)
     return parser
@@ -149,11 +174,19 @@ def _read_run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from jaxtrain.data import prepare
+    from jaxtrain.data import prepare, prepare_warnings
 
     summary = prepare(
-        args.input, args.output, args.tokenizer, val_fraction=args.val_fraction, seed=args.seed
+        args.input,
+        args.output,
+        args.tokenizer,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        eos_id=args.eos_id,
+        overwrite=args.overwrite,
     )
+    for warning in prepare_warnings(summary):
+        print(f"jaxtrain: warning: {warning}", file=sys.stderr)
     splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in summary["splits"].items())
     print(f"wrote {args.output} ({splits}); use it with --set data.path={args.output}")
     return 0
@@ -175,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _read_run(args)
         return _train(args)
     except UserError as err:
-        print(f"jaxtrain: error: {err}", file=sys.stderr)
+        # one_line: a backstop for a message that quotes more input than it should.
+        print(f"jaxtrain: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxtrain: interrupted", file=sys.stderr)

@@ -10,19 +10,25 @@ combinations raise :class:`~jaxtrain.errors.UserError` with a message that names
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jaxtrain.errors import UserError
+from jaxtrain.config_file import DuplicateKey, parse_yaml, read_config
+from jaxtrain.errors import UserError, quote
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-DTYPES = ("float32", "bfloat16", "float16")
+# float16 needs loss scaling (its range underflows small gradients), which jaxtrain
+# does not have yet; bfloat16 has float32's range and needs none.
+DTYPES = ("float32", "bfloat16")
+# JAX runs with 32-bit integers (x64 off): the step counter, token ids, positions and
+# shape arithmetic inside the program are int32, so every integer setting must fit.
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
 NONFINITE_ACTIONS = ("stop", "skip")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
@@ -126,6 +132,11 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
+        _check(
+            self.family in FAMILY_OBJECTIVES,
+            "model.family",
+            f"unknown model {quote(self.family)} (known: {', '.join(FAMILY_OBJECTIVES)})",
+        )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
         _check(self.max_seq_len > 0, "model.max_seq_len", "must be positive")
@@ -171,9 +182,19 @@ class ModelConfig:
             )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
+        _check(self.norm_eps > 0, "model.norm_eps", "must be positive")
         _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
-        _check(self.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
-        _check(self.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
+        for name in ("param_dtype", "compute_dtype"):
+            _check(
+                getattr(self, name) != "float16",
+                f"model.{name}",
+                "float16 needs loss scaling, which jaxtrain does not have yet; use bfloat16",
+            )
+            _check(
+                getattr(self, name) in DTYPES,
+                f"model.{name}",
+                f"must be one of {DTYPES}, got {quote(getattr(self, name))}",
+            )
         _check(
             self.attention in ATTENTION_IMPLS,
             "model.attention",
@@ -182,13 +203,13 @@ class ModelConfig:
         _check(
             self.family != "t5" or self.attention in ("auto", "xla"),
             "model.attention",
-            f"{self.attention!r} takes no additive score bias (t5's relative positions); "
+            f"{quote(self.attention)} takes no additive score bias (t5's relative positions); "
             "use auto or xla",
         )
         _check(
             not self.init_from or self.init_from.startswith("hf:"),
             "model.init_from",
-            f"expected hf:/path/to/hf_model_dir, got {self.init_from!r}",
+            f"expected hf:/path/to/hf_model_dir, got {quote(self.init_from)}",
         )
 
 
@@ -302,15 +323,20 @@ class DataConfig:
     With ``packing`` every row carries the documents' boundaries (split at EOS): per-token
     ``segment_ids`` keep attention within a document, ``positions`` restart at 0 at each
     document, and ``weights`` drop the targets that cross from one document to the next.
+
+    ``eos_id`` is the document separator: -1 takes the tokenizer's own end-of-document
+    token (a tokenizer.json without a known one is refused), another value that id.
     """
 
     path: str = ""
     tokenizer: str = "byte"
     seq_len: int = 256
     packing: bool = False
+    eos_id: int = -1
 
     def __post_init__(self) -> None:
         _check(self.seq_len > 0, "data.seq_len", "must be positive")
+        _check(self.eos_id >= -1, "data.eos_id", "must be >= 0, or -1 for the tokenizer's own")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +359,10 @@ class TrainConfig:
         _check(self.steps > 0, "train.steps", "must be positive")
         _check(self.global_batch > 0, "train.global_batch", "must be positive")
         _check(self.microbatches > 0, "train.microbatches", "must be positive")
+        # PRNGKey and numpy's seeding refuse negative seeds, and PRNGKey silently wraps
+        # ones of 2**32 and more into the keys of small ones; like every integer setting,
+        # a seed also fits in 32 bits (INT_MAX).
+        _check(0 <= self.seed <= INT_MAX, "train.seed", f"must be in [0, {INT_MAX}]")
         _check(
             self.global_batch % self.microbatches == 0,
             "train.microbatches",
@@ -434,8 +464,32 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _as_float(value: Any, key: str) -> float | None:
+    """``value`` as a finite float, or None when it is not a number at all."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the float it spells.
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    except ValueError:
+        return None
+    _check(math.isfinite(number), key, f"must be a finite number, got {quote(value)}")
+    return number
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a field's type; ints and numeric strings pass as floats."""
+    """Check ``value`` against a field's type; ints and numeric strings pass as floats.
+
+    The bounds every field of a type shares are checked here, once: integers fit in 32
+    bits (``INT_MIN``..``INT_MAX``), floats are finite (an infinite rate would train and
+    diverge later), strings hold text a file name can (no NUL, no undecodable bytes).
+    """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
@@ -443,34 +497,54 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except UserError:
                 continue
-        raise UserError(f"{key}: expected {hint}, got {value!r}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the float it spells.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        raise UserError(f"{key}: expected {hint}, got {quote(value)}")
+    if hint is float:
+        number = _as_float(value, key)
+        _check(number is not None, key, f"expected float, got {_kind(value)} {quote(value)}")
+        return number
     if hint is type(None):
-        _check(value is None, key, f"expected null, got {value!r}")
+        _check(value is None, key, f"expected null, got {quote(value)}")
         return value
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    _check(ok, key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    _check(ok, key, f"expected {hint.__name__}, got {_kind(value)} {quote(value)}")
+    if hint is int:
+        _check(
+            INT_MIN <= value <= INT_MAX,
+            key,
+            f"{quote(value)} is out of range: integers must fit in 32 bits (below 2**31)",
+        )
+    if hint is str:
+        _check("\0" not in value, key, f"{quote(value)} contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from the command line
+            raise UserError(f"{key}: {quote(value)} is not valid UTF-8 text") from None
     return value
+
+
+def _known(name: str, prefix: str, fields: Sequence[str]) -> str:
+    """A hint for an unknown key: the close one, else the known ones (a few, when the
+    section has many: the shipped tiny.yaml lists every key with its default)."""
+    close = difflib.get_close_matches(name, fields, n=1)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    names = list(fields)
+    if len(names) > 8:
+        return f"known: {', '.join(names[:6])} and {len(names) - 6} more, as in tiny.yaml"
+    return f"known: {', '.join(names)}"
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         where = prefix.rstrip(".") or "config"
-        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise UserError(f"{where}: expected a mapping, got {_kind(data)} {quote(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            raise UserError(f"{key}: unknown key (known: {', '.join(fields)})")
+            raise UserError(f"{quote(key)}: unknown key ({_known(str(name), prefix, fields)})")
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{key}.")
@@ -485,16 +559,19 @@ def from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
+    shown = quote(item)
     if "=" not in item:
-        raise UserError(f"--set {item}: expected key=value, e.g. train.steps=20")
+        raise UserError(f"--set {shown}: expected key=value, e.g. train.steps=20")
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
-        raise UserError(f"--set {item}: bad key {key!r}")
+        raise UserError(f"--set {shown}: bad key {quote(key)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw) if raw.strip() else ""
+    except DuplicateKey as err:
+        raise UserError(f"--set {shown}: {err.problem}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):
+        value = raw  # not YAML: the plain string, which the field's type check judges
     return path, value
 
 
@@ -506,7 +583,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise UserError(f"--set {item}: {part} is not a section")
+                raise UserError(f"--set {quote(item)}: {quote(part)} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -515,20 +592,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
 
+    ``path`` is a YAML file, or the bare name of a shipped config (``llama3-8b`` or
+    ``llama3-8b.yaml``, see :func:`~jaxtrain.config_file.shipped_configs`) when no such
+    file exists.
+
     Raises:
         UserError: for a missing or malformed file, unknown keys or invalid values.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise UserError(f"config file {path}: not valid YAML{where}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path}: top level must be a mapping")
+        data = read_config(path)
     return from_dict(apply_overrides(data, overrides))

@@ -7,7 +7,9 @@ processes and :mod:`jaxtrain.distributed` reads their environment instead.
 
 The launcher prefixes every output line with its rank, forwards SIGTERM/SIGINT to all
 processes (they checkpoint at an agreed step and exit 0), and when one process fails it
-kills the others at once (they cannot progress without it) and exits non-zero.
+kills the others at once (they cannot progress without it) and exits non-zero, with the
+failed rank's error line (its last ``jaxtrain: error:`` line, else its last line) on
+stderr, so the cause is the one line a user sees there, as with a single process.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
-from jaxtrain.errors import UserError
+from jaxtrain.errors import UserError, one_line
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 POLL_S = 0.1
+ERROR_PREFIX = "jaxtrain: error: "
+# Every process is a whole JAX runtime on this one machine; past a few dozen it only
+# thrashes the machine (real clusters start their processes with SLURM, MPI or the TPU VM).
+MAX_NPROC = 64
+MAX_DEVICES_PER_PROC = 1024  # simulated CPU devices: XLA builds each one up front
 
 
 def free_port() -> int:
@@ -57,12 +64,15 @@ def _exit_code(returncode: int) -> int:
 
 
 class _Output:
-    """Copies each process's output line by line to ``stream``, prefixed with its rank."""
+    """Copies each process's output line by line to ``stream``, prefixed with its rank,
+    and remembers each rank's last error line (or last line) for :meth:`cause`."""
 
     def __init__(self, stream: IO[str]):
         self.stream = stream
         self.lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
+        self.threads: dict[int, threading.Thread] = {}
+        self.last_line: dict[int, str] = {}
+        self.last_error: dict[int, str] = {}
 
     def say(self, prefix: str, line: str) -> None:
         with self.lock:
@@ -73,13 +83,30 @@ class _Output:
         def pump() -> None:
             for line in pipe:
                 self.say(f"rank {rank}", line)
+                text = line.strip()
+                if text:
+                    self.last_line[rank] = text
+                if text.startswith(ERROR_PREFIX):
+                    self.last_error[rank] = text.removeprefix(ERROR_PREFIX)
 
         thread = threading.Thread(target=pump, daemon=True)
         thread.start()
-        self.threads.append(thread)
+        self.threads[rank] = thread
+
+    def cause(self, rank: int, status: int, timeout: float = 5.0) -> str:
+        """Why ``rank`` failed, in one line, once its output has been read to the end."""
+        self.threads[rank].join(timeout)
+        if rank in self.last_error:
+            return one_line(self.last_error[rank])
+        why = f"failed with exit status {status}"
+        if status > 128 and status - 128 in signal.valid_signals():
+            why += f" ({signal.Signals(status - 128).name})"
+        if rank in self.last_line:
+            why += f"; its last line: {self.last_line[rank]}"
+        return one_line(why)
 
     def drain(self, timeout: float) -> None:
-        for thread in self.threads:
+        for thread in self.threads.values():
             thread.join(timeout)
 
 
@@ -89,19 +116,23 @@ def launch(
     *,
     devices_per_proc: int | None = None,
     stream: IO[str] | None = None,
+    err_stream: IO[str] | None = None,
 ) -> int:
     """Run ``jaxtrain <command>`` as ``nproc`` processes; return the launcher's exit code.
 
     0 when every process exits 0; otherwise the first failure's code (128 + N for a
-    process killed by signal N), after the other processes have been killed.
+    process killed by signal N), after the other processes have been killed, and its
+    cause as one ``jaxtrain: error: [rank R] ...`` line on ``err_stream`` (stderr).
 
     Raises:
         UserError: for a bad process or device count or an empty command.
     """
-    if nproc < 1:
-        raise UserError(f"--nproc: {nproc} must be >= 1")
-    if devices_per_proc is not None and devices_per_proc < 1:
-        raise UserError(f"--devices-per-proc: {devices_per_proc} must be >= 1")
+    if not 1 <= nproc <= MAX_NPROC:
+        raise UserError(f"--nproc: {nproc} must be in [1, {MAX_NPROC}] (processes on this machine)")
+    if devices_per_proc is not None and not 1 <= devices_per_proc <= MAX_DEVICES_PER_PROC:
+        raise UserError(
+            f"--devices-per-proc: {devices_per_proc} must be in [1, {MAX_DEVICES_PER_PROC}]"
+        )
     if not command or command[0] != "train":
         raise UserError("launch: give the command to run after '--', e.g. -- train config.yaml")
     output = _Output(stream or sys.stdout)
@@ -133,7 +164,11 @@ def launch(
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _supervise(procs, output)
+        status, rank = _supervise(procs, output)
+        if status:
+            cause = output.cause(rank, status)
+            print(f"{ERROR_PREFIX}[rank {rank}] {cause}", file=err_stream or sys.stderr, flush=True)
+        return status
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -144,8 +179,10 @@ def launch(
             signal.signal(sig, handler)
 
 
-def _supervise(procs: list[subprocess.Popen], output: _Output) -> int:
-    """Wait for every process to exit 0, or for the first failure (then kill the rest)."""
+def _supervise(procs: list[subprocess.Popen], output: _Output) -> tuple[int, int]:
+    """Wait for every process to exit 0, or for the first failure (then kill the rest).
+
+    Returns the launcher's exit status and the rank that failed first (0: none did)."""
     while True:
         codes = [proc.poll() for proc in procs]
         for rank, code in enumerate(codes):
@@ -157,7 +194,7 @@ def _supervise(procs: list[subprocess.Popen], output: _Output) -> int:
                         output.say("launch", f"stopping rank {other}")
                         proc.kill()
                         proc.wait()
-                return status
+                return status, rank
         if all(code == 0 for code in codes):
-            return 0
+            return 0, 0
         time.sleep(POLL_S)

@@ -56,6 +56,11 @@ def test_mesh_fill_axis():
         (["train.steps"], "--set train.steps"),
         (["train.on_nonfinite=ignore"], "train.on_nonfinite"),
         (["mesh.dcn_data=0"], "mesh.dcn_data"),
+        (["model.norm_eps=-1e-5"], "model.norm_eps"),
+        (["model.family=gpt9"], "model.family"),
+        (["train.seed=-1"], "train.seed"),
+        (["model.compute_dtype=float16"], "model.compute_dtype"),
+        (["optim.lr=.inf"], "optim.lr"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,9 +47,17 @@ def hf_tokenizer_dir(tmp_path: Path) -> Path:
     return out
 
 
+def _pyarrow():
+    """pyarrow (an optional dependency) or a skip that says so."""
+    reason = "pyarrow is not installed (pip install 'jaxtrain[parquet]')"
+    pa = pytest.importorskip("pyarrow", reason=reason)
+    return pa, pytest.importorskip("pyarrow.parquet", reason=reason)
+
+
 @pytest.fixture
 def text_inputs(tmp_path: Path) -> tuple[Path, list[str]]:
     """A directory of .txt, .jsonl and .parquet files, and every document in it."""
+    pa, pq = _pyarrow()
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     docs_txt = ["plain text file one ünïcödé", "plain text two\nwith two lines"]
@@ -166,8 +172,8 @@ def test_prepare_and_open(tmp_path: Path, text_inputs: tuple[Path, list[str]]):
     got = split_docs(splits["train"], 256) + split_docs(splits["validation"], 256)
     assert sorted(got) == sorted(d.encode("utf-8") for d in docs)
 
-    # Deterministic, and a previous output may be overwritten.
-    assert prepare([str(src)], str(out), val_fraction=0.3, seed=1) == meta
+    # Deterministic, and a previous output may be overwritten when asked to.
+    assert prepare([str(src)], str(out), val_fraction=0.3, seed=1, overwrite=True) == meta
     np.testing.assert_array_equal(np.load(out / "train.npy"), splits["train"])
 
     ds = open_dataset(str(out), ByteTokenizer())
@@ -207,6 +213,7 @@ def test_prepare_keeps_both_splits_nonempty(tmp_path: Path):
 
 
 def test_prepare_errors(tmp_path: Path, text_inputs: tuple[Path, list[str]]):
+    pa, pq = _pyarrow()
     src, _ = text_inputs
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .* files found"):

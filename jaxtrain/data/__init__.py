@@ -1,17 +1,16 @@
 """Data: tokenizers, the built-in corpus, ``prepare`` and the sharded batch loader."""
 
 from jaxtrain.data.corpus import builtin_corpus, corpus_files
+from jaxtrain.data.dataset import TokenDataset, check_dataset, open_dataset
 from jaxtrain.data.loader import (
     Loader,
-    TokenDataset,
     batch_dtypes,
     document_boundaries,
-    open_dataset,
     process_rows,
     sample_windows,
 )
 from jaxtrain.data.objectives import Objective, corrupt_spans, mask_tokens, span_lengths
-from jaxtrain.data.prepare import prepare
+from jaxtrain.data.prepare import prepare, prepare_warnings
 from jaxtrain.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -29,6 +28,7 @@ __all__ = [
     "Tokenizer",
     "batch_dtypes",
     "builtin_corpus",
+    "check_dataset",
     "corrupt_spans",
     "corpus_files",
     "document_boundaries",
@@ -36,6 +36,7 @@ __all__ = [
     "mask_tokens",
     "open_dataset",
     "prepare",
+    "prepare_warnings",
     "process_rows",
     "sample_windows",
     "span_lengths",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtrain.data.loader import TokenDataset
+from jaxtrain.data.dataset import TokenDataset
 from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer, token_dtype
 
 VALIDATION_PERCENT = 3
@@ -79,8 +79,8 @@ def _tokenize_files(root: Path, relpaths: list[str], tokenizer: Tokenizer) -> np
 
 
 @functools.lru_cache(maxsize=4)
-def _builtin_corpus(tokenizer_name: str) -> TokenDataset:
-    tokenizer = load_tokenizer(tokenizer_name)
+def _builtin_corpus(tokenizer_name: str, eos_id: int) -> TokenDataset:
+    tokenizer = load_tokenizer(tokenizer_name, eos_id=eos_id)
     root = stdlib_root()
     splits = corpus_files(root)
     return TokenDataset(
@@ -100,10 +100,10 @@ def builtin_corpus(tokenizer: Tokenizer) -> TokenDataset:
     """Tokenizes the standard library's source, once per tokenizer per process.
 
     Args:
-      tokenizer: the tokenizer; it is cached by ``tokenizer.name``, so it must be one
-        that ``load_tokenizer(tokenizer.name)`` rebuilds.
+      tokenizer: the tokenizer; it is cached by its name and EOS id, so it must be one
+        that ``load_tokenizer(tokenizer.name, eos_id=tokenizer.eos_id)`` rebuilds.
 
     Returns:
       The train and validation tokens (read-only), each file followed by EOS.
     """
-    return _builtin_corpus(tokenizer.name)
+    return _builtin_corpus(tokenizer.name, tokenizer.eos_id)

@@ -1,7 +1,4 @@
-"""Token datasets and the loader that turns them into sharded global batches.
-
-A dataset is two 1-D token arrays (train, validation) with EOS between documents,
-memory-mapped from ``prepare`` output or built in memory from the built-in corpus.
+"""The loader that turns a token dataset into sharded global batches.
 
 Batches are random windows of ``seq_len + 1`` tokens, the packed-sequence sampling of
 nanoGPT and of GPT-2 (Radford et al., 2019). The windows of a batch are a pure function
@@ -18,16 +15,12 @@ and ``weights`` (0 for the target that crosses from one document into the next).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from jaxtrain.data.tokenizer import Tokenizer
+from jaxtrain.data.dataset import TokenDataset
 from jaxtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -44,107 +37,6 @@ def batch_dtypes(packing: bool) -> dict[str, type]:
     if packing:
         dtypes |= {"segment_ids": np.int32, "positions": np.int32, "weights": np.float32}
     return dtypes
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenDataset:
-    """Train and validation tokens, each a 1-D array with EOS after every document.
-
-    Attributes:
-      train: training tokens (may be a read-only ``np.memmap``).
-      validation: validation tokens (may be a read-only ``np.memmap``).
-      vocab_size: size of the vocabulary the ids come from.
-      eos_id: the document separator id.
-      source: where the tokens came from, for humans.
-    """
-
-    train: np.ndarray
-    validation: np.ndarray
-    vocab_size: int
-    eos_id: int
-    source: str
-
-
-def _file_sha256(path: str) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def _check_tokenizer(meta: dict, tokenizer: Tokenizer, path: Path) -> None:
-    """Refuses a dataset that was tokenized with a different tokenizer."""
-    same = meta["vocab_size"] == tokenizer.vocab_size and meta["eos_id"] == tokenizer.eos_id
-    if same and meta["tokenizer"] != tokenizer.name:
-        # The same tokenizer.json may live at another path (a copied dataset, another
-        # host); its content hash decides.
-        digest = meta.get("tokenizer_sha256")
-        same = (
-            digest is not None
-            and tokenizer.name != "byte"
-            and digest == _file_sha256(tokenizer.name)
-        )
-    if not same:
-        raise UserError(
-            f"data.tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}) is not the "
-            f"tokenizer data.path {path} was prepared with ({meta['tokenizer']}, "
-            f"vocab {meta['vocab_size']})"
-        )
-
-
-def open_dataset(path: str, tokenizer: Tokenizer) -> TokenDataset:
-    """Opens the dataset named by the ``data.path`` config value.
-
-    Args:
-      path: ``""`` for the built-in corpus, else a directory written by ``prepare``.
-      tokenizer: the run's tokenizer; it must be the one the data was prepared with.
-
-    Returns:
-      The dataset; prepared splits are memory-mapped read-only, never unpickled.
-
-    Raises:
-      UserError: the directory or its meta.json is missing or unreadable, or the data
-        was prepared with another tokenizer.
-    """
-    if path == "":
-        # Imported here: corpus.py imports TokenDataset from this module.
-        from jaxtrain.data.corpus import builtin_corpus
-
-        return builtin_corpus(tokenizer)
-
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data.path: {root} does not exist or is not a directory")
-    meta_file = root / "meta.json"
-    if not meta_file.is_file():
-        raise UserError(
-            f"data.path: {meta_file} does not exist; create the dataset with `jaxtrain prepare`"
-        )
-    try:
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != 1:
-            raise ValueError(f"unknown format {meta.get('format')!r}")
-        _ = meta["vocab_size"], meta["eos_id"], meta["tokenizer"]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"data.path: {meta_file} is not a jaxtrain meta.json ({e})") from None
-    _check_tokenizer(meta, tokenizer, root)
-
-    splits = {}
-    for split in ("train", "validation"):
-        file = root / f"{split}.npy"
-        try:
-            splits[split] = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"data.path: cannot read {file} ({e})") from None
-        if splits[split].ndim != 1:
-            raise UserError(f"data.path: {file} is not a 1-D token array")
-    return TokenDataset(
-        train=splits["train"],
-        validation=splits["validation"],
-        vocab_size=meta["vocab_size"],
-        eos_id=meta["eos_id"],
-        source=f"{root.absolute()} (tokenizer {meta['tokenizer']})",
-    )
 
 
 def sample_windows(
@@ -274,6 +166,16 @@ class Loader:
         self.rows = process_rows(sharding, self.global_shape)
         self.objective = objective
         self.window = seq_len if objective is None else objective.window(seq_len)
+        # Checked here, at start-up, so a short validation split does not surface at the
+        # first evaluation, after training.
+        for split in ("train", "validation"):
+            n = len(getattr(dataset, split))
+            if n < self.window + 1:
+                raise UserError(
+                    f"data.path: {dataset.describe(split)} has {n} tokens, fewer than the "
+                    f"{self.window + 1} of one window (data.seq_len={seq_len}); add "
+                    "documents or lower data.seq_len"
+                )
 
     def _batch(self, tokens: np.ndarray, stream: int, step: int) -> dict[str, jax.Array]:
         local = sample_windows(

@@ -22,8 +22,10 @@ import numpy as np
 from jaxtrain.errors import UserError
 
 # Special tokens that mark the end of a document, in the order they are tried
-# (Llama 2 / T5, GPT-2, Llama 3, Gemma).
-EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+# (Llama 2 / T5, GPT-2, Llama 3, Gemma, and BERT's separator). A tokenizer with none of
+# them needs an explicit ``data.eos_id``: guessing an id would silently train on a wrong
+# document separator.
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
 
 
 @runtime_checkable
@@ -84,14 +86,16 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` file, loaded with the ``tokenizers`` library."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, eos_id: int = -1):
         """Loads the tokenizer.
 
         Args:
           path: a ``tokenizer.json`` file, or a directory that contains one.
+          eos_id: the document separator; -1 finds it among ``EOS_CANDIDATES``.
 
         Raises:
-          UserError: the file is missing or is not a tokenizer.json file.
+          UserError: the file is missing, unreadable or not a tokenizer.json file; the
+            EOS id is out of range or cannot be found.
         """
         from tokenizers import Tokenizer as RustTokenizer
 
@@ -102,22 +106,36 @@ class HFTokenizer:
         if not file.is_file():
             raise UserError(f"data.tokenizer: {file} does not exist")
         try:
-            self._tok = RustTokenizer.from_file(str(file))
+            text = file.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise UserError(f"data.tokenizer: cannot read {file} ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"data.tokenizer: {file} is not UTF-8 text") from None
+        try:
+            self._tok = RustTokenizer.from_str(text)
         except Exception as e:  # the Rust library raises plain Exception on bad files
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first_line = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(
                 f"data.tokenizer: {file} is not a tokenizer.json file ({first_line})"
             ) from None
         self.name = str(file)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = self._find_eos()
+        self.eos_id = self._find_eos() if eos_id == -1 else eos_id
+        if not 0 <= self.eos_id < self.vocab_size:
+            raise UserError(
+                f"data.eos_id: {eos_id} is not an id of data.tokenizer {file} "
+                f"(vocabulary {self.vocab_size})"
+            )
 
     def _find_eos(self) -> int:
         for token in EOS_CANDIDATES:
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
                 return token_id
-        return self.vocab_size - 1
+        raise UserError(
+            f"data.tokenizer: {self.name} has none of the end-of-document tokens "
+            f"{', '.join(EOS_CANDIDATES)}; set data.eos_id (prepare: --eos-id) to its id"
+        )
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of ``text``; the tokenizer's own BOS/EOS are not added."""
@@ -136,21 +154,29 @@ class HFTokenizer:
         return self._tok.decode(ids.tolist(), skip_special_tokens=True)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, eos_id: int = -1) -> Tokenizer:
     """Builds the tokenizer named by the ``data.tokenizer`` config value.
 
     Args:
       spec: ``"byte"``, or the path of a ``tokenizer.json`` file or of a directory that
         holds one.
+      eos_id: the ``data.eos_id`` config value: -1 uses the tokenizer's own end-of-document
+        token (found by name for a tokenizer.json), another value that id.
 
     Returns:
       The tokenizer.
 
     Raises:
-      UserError: the path does not exist or is not a tokenizer.json file.
+      UserError: the path does not exist or is not a readable tokenizer.json file, or no
+        valid EOS id is known.
     """
     if spec == "byte":
+        if eos_id not in (-1, ByteTokenizer.eos_id):
+            raise UserError(
+                f"data.eos_id: {eos_id}; the byte tokenizer's EOS is "
+                f"{ByteTokenizer.eos_id} (leave data.eos_id at -1)"
+            )
         return ByteTokenizer()
     if not spec:
         raise UserError('data.tokenizer: empty; use "byte" or a path to a tokenizer.json file')
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, eos_id=eos_id)
