@@ -86,9 +86,14 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors the
-    scalars to TensorBoard event files (tensorboardX; no TensorFlow needed)."""
+    scalars to TensorBoard event files (tensorboardX; no TensorFlow needed).
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True):
+    A resumed run passes ``purge_step`` (the step it restarts from): its event file
+    starts with TensorBoard's purge marker, which hides the events an earlier process
+    wrote for the steps that are redone, so no step appears twice.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True, purge_step: int | None = None):
         self.enabled = enabled
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tensorboard"
@@ -97,7 +102,7 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self._jsonl = self.jsonl_path.open("a")
-        self._tb = SummaryWriter(logdir=str(self.tb_dir))
+        self._tb = SummaryWriter(logdir=str(self.tb_dir), purge_step=purge_step)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

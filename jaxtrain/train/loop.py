@@ -10,9 +10,7 @@ boundary, then exit" (in a multi-process run, at a step every process agrees on)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -25,9 +23,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from rich.console import Console
 
-from jaxtrain.checkpoint import Checkpointer, check_fresh_run_dir
+from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config
-from jaxtrain.data import Loader, load_tokenizer, open_dataset
+from jaxtrain.data import Loader, check_dataset, load_tokenizer, open_dataset
+from jaxtrain.env import env_float
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import (
     MetricsWriter,
@@ -38,6 +37,7 @@ from jaxtrain.metrics import (
 )
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train.program import Program, build_program
+from jaxtrain.train.rundir import RunDirectory, read_metrics
 
 # Seconds to pause after every step. Only for tests that must interrupt a run at a
 # chosen point from outside (a real SIGKILL or SIGTERM); unset in normal use.
@@ -137,15 +137,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def _trim_metrics(path: Path, keep_through: int) -> None:
-    """Drop logged rows after the step a resumed run restarts from (they are redone)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line]
-    kept = [line for line in rows if json.loads(line)["step"] <= keep_through]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train(cfg: Config, console: Console | None = None) -> RunResult:
     """Run ``cfg`` to completion (resuming its run directory) and return its outputs.
 
@@ -156,20 +147,20 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
     console = console or Console(stderr=True)
     if jax.process_index() != 0:
         console = Console(quiet=True)  # one process speaks for the run
-    run_dir = Path(cfg.run.dir).resolve()
-    if not cfg.checkpoint.resume:
-        check_fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDirectory(cfg.run.dir, console)
+    run.check(cfg.checkpoint.resume)  # nothing is written before the run can start
+    delay = env_float(STEP_DELAY_ENV, 0.0, minimum=0.0)
     is_main = jax.process_index() == 0
 
     mesh = make_mesh(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer})"
         )
     dataset = open_dataset(cfg.data.path, tokenizer)
+    check_dataset(dataset, cfg.model.vocab_size)
     program = build_program(cfg, mesh)
     loader = program.loader(dataset)
     n_params = count_params(program.spec.abstract_params)
@@ -180,100 +171,104 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         highlight=False,
     )
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    restored = None
-    if cfg.checkpoint.resume:
-        restored = checkpointer.restore_latest(program.abstract_state, console)
-    if restored is None:
-        state, start = program.init_state(), 0
-    else:
-        state, start = restored[0], int(restored[1]["step"])
-        console.print(f"resumed from {checkpointer.directory / str(start)} (step {start})")
-    if is_main:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        _trim_metrics(run_dir / "metrics.jsonl", start)
+    with Checkpointer(run.checkpoints, cfg.checkpoint) as checkpointer:
+        restored = None
+        if cfg.checkpoint.resume:
+            restored = checkpointer.restore_latest(program.abstract_state, console, config=cfg)
+        start = 0 if restored is None else int(restored[1]["step"])
+        run.check_start(start, cfg.train.steps)
+        if restored is None:
+            state = program.init_state()
+        else:
+            state = restored[0]
+            console.print(f"resumed from {checkpointer.directory / str(start)} (step {start})")
 
-    compiled, compile_s = program.compile()
-    console.print(f"compiled train step in {compile_s:.1f}s; {_memory_report(compiled)}")
+        compiled, compile_s = program.compile()
+        console.print(f"compiled train step in {compile_s:.1f}s; {_memory_report(compiled)}")
+        if is_main:
+            run.claim(cfg, start)
 
-    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    step_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
-    peak = peak_flops(list(mesh.devices.flat))
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    progress = ProgressDisplay(console, cfg.train.steps)
-    eval_losses: dict[int, float] = {}
-    pending: list[dict[str, Any]] = []
-    last_loss, done = math.nan, start
-    window_start, window_step = time.perf_counter(), start
-    every = cfg.checkpoint.every
-    skipping = cfg.train.on_nonfinite == "skip"
-    # Skipped updates leave the parameters finite; a non-finite norm then is a real fault.
-    finite_keys = ("param_norm",) if skipping else ("loss", "grad_norm", "param_norm")
-    skipped_logged = int(jax.device_get(state.skipped))
-    try:
-        with StopSignals() as signals:
-            for step in range(start, cfg.train.steps):
-                state, metrics = compiled(state, loader.train_batch(step))
-                pending.append(metrics)
-                done = step + 1
-                if delay:
-                    jax.block_until_ready(metrics)
-                    time.sleep(delay)
-                last = done == cfg.train.steps
-                stop = signals.should_stop(done)
-                save = (every and done % every == 0) or last or stop
-                log = done % cfg.train.log_every == 0 or last or stop
-                if save or log:
-                    # Never checkpoint or log past a non-finite step.
-                    pending = jax.device_get(pending)
-                    _check_finite(done - len(pending), pending, finite_keys)
-                if save:
-                    checkpointer.save(done, state, cfg)
-                if log:
-                    elapsed = time.perf_counter() - window_start
-                    step_time = elapsed / (done - window_step)
-                    record = {k: float(v) for k, v in pending[-1].items()}
-                    record |= {
-                        "step_time_s": step_time,
-                        "tokens_per_sec": tokens_per_step / step_time,
-                        "mfu": step_flops / step_time / peak if peak else None,
-                    }
-                    eval_every = cfg.train.eval_every
-                    if eval_every and (done % eval_every == 0 or last):
-                        eval_losses[done] = record["eval_loss"] = evaluate(
-                            program, state.params, loader, cfg.train.eval_batches
-                        )
-                        progress.note(f"step {done}: validation loss {record['eval_loss']:.4f}")
-                    if record["skipped_steps"] > skipped_logged:
-                        progress.note(
-                            f"step {done}: skipped {record['skipped_steps'] - skipped_logged:.0f} "
-                            f"non-finite update(s); {record['skipped_steps']:.0f} in this run"
-                        )
-                        skipped_logged = int(record["skipped_steps"])
-                    writer.write(done, record)
-                    progress.update(done, record)
-                    last_loss = record["loss"]
-                    pending = []
-                    window_start, window_step = time.perf_counter(), done
-                if stop:
-                    break
-            checkpointer.wait()
-    finally:
-        progress.close()
-        writer.close()
-        checkpointer.close()
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        step_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
+        peak = peak_flops(list(mesh.devices.flat))
+        # Events of the steps after ``start`` that an earlier process logged are redone.
+        writer = MetricsWriter(run.path, enabled=is_main, purge_step=start + 1 if start else None)
+        progress = ProgressDisplay(console, cfg.train.steps)
+        eval_losses: dict[int, float] = {}
+        pending: list[dict[str, Any]] = []
+        last_loss, done = math.nan, start
+        window_start, window_step = time.perf_counter(), start
+        every, eval_every = cfg.checkpoint.every, cfg.train.eval_every
+        skipping = cfg.train.on_nonfinite == "skip"
+        # Skipped updates leave the parameters finite; a non-finite norm then is a real fault.
+        finite_keys = ("param_norm",) if skipping else ("loss", "grad_norm", "param_norm")
+        skipped_logged = int(jax.device_get(state.skipped))
+        try:
+            with StopSignals() as signals:
+                for step in range(start, cfg.train.steps):
+                    state, metrics = compiled(state, loader.train_batch(step))
+                    pending.append(metrics)
+                    done = step + 1
+                    if delay:
+                        jax.block_until_ready(metrics)
+                        time.sleep(delay)
+                    last = done == cfg.train.steps
+                    stop = signals.should_stop(done)
+                    save = (every and done % every == 0) or last or stop
+                    # Evaluation keeps its own schedule; an eval step is also logged.
+                    evaluate_now = bool(eval_every) and (done % eval_every == 0 or last)
+                    log = done % cfg.train.log_every == 0 or last or stop or evaluate_now
+                    if save or log:
+                        # Never checkpoint or log past a non-finite step.
+                        pending = jax.device_get(pending)
+                        _check_finite(done - len(pending), pending, finite_keys)
+                    if save:
+                        checkpointer.save(done, state, cfg)
+                    if log:
+                        elapsed = time.perf_counter() - window_start
+                        step_time = elapsed / (done - window_step)
+                        record = {k: float(v) for k, v in pending[-1].items()}
+                        record |= {
+                            "step_time_s": step_time,
+                            "tokens_per_sec": tokens_per_step / step_time,
+                            "mfu": step_flops / step_time / peak if peak else None,
+                        }
+                        if evaluate_now:
+                            eval_losses[done] = record["eval_loss"] = evaluate(
+                                program, state.params, loader, cfg.train.eval_batches
+                            )
+                            progress.note(f"step {done}: validation loss {record['eval_loss']:.4f}")
+                        if record["skipped_steps"] > skipped_logged:
+                            progress.note(
+                                f"step {done}: skipped "
+                                f"{record['skipped_steps'] - skipped_logged:.0f} non-finite "
+                                f"update(s); {record['skipped_steps']:.0f} in this run"
+                            )
+                            skipped_logged = int(record["skipped_steps"])
+                        writer.write(done, record)
+                        progress.update(done, record)
+                        last_loss = record["loss"]
+                        pending = []
+                        window_start, window_step = time.perf_counter(), done
+                    if stop:
+                        break
+                checkpointer.wait()
+        finally:
+            progress.close()
+            writer.close()
 
-    params_dir = run_dir / "params"
     if signals.received is None:
         saver = ocp.StandardCheckpointer()
-        saver.save(params_dir, state.params, force=True)
-        saver.wait_until_finished()
+        try:
+            saver.save(run.params, state.params, force=True)
+            saver.wait_until_finished()
+        finally:
+            saver.close()
     return RunResult(
-        run_dir,
+        run.path,
         writer.jsonl_path,
         writer.tb_dir,
-        params_dir,
+        run.params,
         checkpointer.directory,
         last_loss,
         eval_losses,
@@ -285,5 +280,5 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
 
 def loss_curve(metrics_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(steps, losses) read back from a run's ``metrics.jsonl``."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = read_metrics(metrics_path)
     return np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])

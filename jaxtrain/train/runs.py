@@ -18,11 +18,12 @@ from rich.console import Console
 
 from jaxtrain import config
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.data import load_tokenizer, open_dataset
+from jaxtrain.data import check_dataset, load_tokenizer, open_dataset
 from jaxtrain.errors import UserError
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train.loop import evaluate
 from jaxtrain.train.program import Program, build_program
+from jaxtrain.train.rundir import check_dir_path
 
 
 def load_run(
@@ -33,14 +34,16 @@ def load_run(
     Raises:
         UserError: if ``run`` is not a run directory or has no readable checkpoint.
     """
-    run_dir = Path(run)
+    run_dir = Path(run).absolute()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--run: {run} is not a run directory (no config.yaml)")
     cfg = config.load(str(run_dir / "config.yaml"), overrides)
     program = build_program(cfg, make_mesh(cfg))
-    restored = Checkpointer(run_dir / "checkpoints", cfg.checkpoint).restore_latest(
-        program.abstract_state, console
-    )
+    # Reading a run never writes to it: no tidying, no setting corrupt checkpoints aside.
+    with Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True) as checkpointer:
+        restored = checkpointer.restore_latest(
+            program.abstract_state, console, config=cfg, set_aside=False
+        )
     if restored is None:
         raise UserError(f"--run: {run} has no checkpoint yet")
     state, meta = restored
@@ -50,7 +53,9 @@ def load_run(
 def eval_run(run: str, overrides: Sequence[str], console: Console) -> tuple[int, float]:
     """(step, validation loss) of the newest checkpoint of ``run``."""
     cfg, program, state, step = load_run(run, overrides, console)
-    dataset = open_dataset(cfg.data.path, load_tokenizer(cfg.data.tokenizer))
+    tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
+    dataset = open_dataset(cfg.data.path, tokenizer)
+    check_dataset(dataset, cfg.model.vocab_size)
     loader = program.loader(dataset)
     return step, evaluate(program, state.params, loader, cfg.train.eval_batches)
 
@@ -68,6 +73,7 @@ def export_run(
             the run's model.
     """
     target = Path(out).resolve()
+    check_dir_path(target, "--out")
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out: {out} exists and is not empty")
     cfg, _, state, step = load_run(run, overrides, console)
@@ -76,11 +82,14 @@ def export_run(
 
         config_to_hf(cfg.model)  # refuse before writing anything
         save_pretrained(cfg.model, state.params, target)
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
         if tokenizer.name != "byte" and jax.process_index() == 0:
             shutil.copyfile(tokenizer.name, target / "tokenizer.json")
         return step
     saver = ocp.StandardCheckpointer()
-    saver.save(target, state.params, force=True)
-    saver.wait_until_finished()
+    try:
+        saver.save(target, state.params, force=True)
+        saver.wait_until_finished()
+    finally:
+        saver.close()
     return step
