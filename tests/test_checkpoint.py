@@ -109,6 +109,7 @@ def assert_identical(run_dir, reference):
     jax.tree.map(np.testing.assert_array_equal, final_params(run_dir), ref_params)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = start_slow(run_dir)
@@ -120,6 +121,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, reference):
     assert_identical(run_dir, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.03, 0.1])
 def test_sigkill_while_writing_a_checkpoint(tmp_path, reference, delay):
     """The save of step 6 starts right before step 6 is logged; kill around then."""
@@ -135,6 +137,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path, reference, delay):
     assert_identical(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = start_slow(run_dir)

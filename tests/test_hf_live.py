@@ -16,8 +16,10 @@ from flax import nnx
 
 from jaxtrain.models import from_pretrained, save_pretrained
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="the live round trip needs torch")
+transformers = pytest.importorskip("transformers", reason="the live round trip needs transformers")
+
+pytestmark = pytest.mark.slow  # builds and runs every HF variant in torch
 
 _spec = importlib.util.spec_from_file_location(
     "make_hf_fixtures", Path(__file__).resolve().parents[1] / "tools" / "make_hf_fixtures.py"

@@ -2,10 +2,13 @@
 
 import math
 
+import pytest
+
 from jaxtrain import config
 from jaxtrain.train.loop import train
 
 
+@pytest.mark.slow
 def test_validation_loss_falls(tmp_path):
     cfg = config.load(
         None,

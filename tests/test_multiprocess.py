@@ -151,6 +151,7 @@ def reference(tmp_path_factory):
     return root / "single", root / "multi", output
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(reference):
     one, two, output = reference
     assert [r["step"] for r in rows(two)] == [1, 2, 3, 4, 5, 6]  # written once, by process 0
@@ -160,6 +161,7 @@ def test_two_processes_match_one(reference):
     assert not re.search(r"^\[rank 1\] step ", output, re.M)  # ...and only process 0 logs
 
 
+@pytest.mark.slow
 def test_hybrid_mesh_puts_data_across_processes(tmp_path, reference):
     """data=2 across the processes (dcn_data=2) x fsdp=4 within each, joined by explicit
     --coordinator flags, trains like one process with 8 devices."""
@@ -211,6 +213,7 @@ def test_hybrid_grid_keeps_within_host_axes_on_one_host():
         _hybrid_grid((3, 1, 1, 1), (3, 1, 1, 1), devices[:4])
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_process_counts(tmp_path, reference):
     """Step 4 written by two processes finishes in one, and the other way round."""
     one, two, _ = reference
@@ -226,6 +229,7 @@ def test_checkpoints_move_between_process_counts(tmp_path, reference):
         assert_close(target, one, steps={5, 6})
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_bit_exact(tmp_path, reference):
     """SIGKILL one rank: the launcher stops the other and fails fast; the relaunched run
     resumes from the last checkpoint to exactly the uninterrupted losses and parameters."""
@@ -247,12 +251,33 @@ def test_killed_two_process_run_resumes_bit_exact(tmp_path, reference):
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path), final_params(multi))
 
 
+@pytest.mark.slow
+def test_two_processes_agree_on_falling_back_past_a_corrupt_checkpoint(tmp_path, reference):
+    """The newest checkpoint is truncated: both processes find it unreadable, restore the
+    same older step, and one of them (process 0) sets it aside, once."""
+    multi = reference[1]
+    run_dir = tmp_path / "run"
+    shutil.copytree(multi, run_dir)
+    files = [p for p in (run_dir / "checkpoints" / "6").rglob("*") if p.parent.name == "d"]
+    assert files
+    for path in files:
+        path.write_bytes(b"")
+    code, output = launch(run_dir)
+    assert code == 0, output[-3000:]
+    assert "checkpoints/6 is unreadable" in output and "resumed from" in output
+    assert [p.name.split("-")[0] for p in (run_dir / "unreadable_checkpoints").iterdir()] == ["6"]
+    assert committed(run_dir) == [2, 4, 6]
+    for key in ("loss", "grad_norm", "param_norm"):
+        assert metric(run_dir, key) == metric(multi, key)
+
+
 def stops(text):
     """{rank: step} from the 'stopped by ... at step N' line each process prints."""
     found = re.findall(r"^\[rank (\d+)\] stopped by .* at step (\d+);", text, re.M)
     return {int(rank): int(step) for rank, step in found}
 
 
+@pytest.mark.slow
 def test_stop_signals_stop_every_rank_at_one_step(tmp_path):
     """SIGTERM to one rank, then (after resuming) SIGINT to the launcher: each time both
     ranks checkpoint the same step and exit 0."""
@@ -274,6 +299,7 @@ def test_stop_signals_stop_every_rank_at_one_step(tmp_path):
     assert step < second[0] < 40 and committed(tmp_path)[-1] == second[0]
 
 
+@pytest.mark.slow
 def test_device_count_mismatch_is_explained_per_process(tmp_path):
     code, output = launch(tmp_path, ["mesh.fsdp=16"])
     assert code == 2
@@ -296,3 +322,32 @@ def test_readme_slurm_script_is_valid_bash(tmp_path):
     path.write_text(script)
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_slurm_script_requeues_itself_until_the_run_finishes(tmp_path):
+    """A SIGTERM-stopped run exits 0, which --requeue never resubmits: the script must
+    requeue itself while params/ (written at the end) is missing, and not after a crash."""
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```bash\n(.*?)```", README, re.S)]
+    script = tmp_path / "train.sbatch"
+    script.write_text(next(block for block in blocks if "#SBATCH" in block))
+    bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    for name, body in {
+        "srun": 'exit "${SRUN_STATUS:-0}"',
+        "scontrol": f'echo "$@" >> {log}',
+    }.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RUN_DIR=str(run_dir))
+    env |= {"SLURM_JOB_ID": "42", "SLURM_NNODES": "1"}
+
+    def submit(**extra):
+        return subprocess.run(
+            ["bash", str(script)], env=env | extra, capture_output=True
+        ).returncode
+
+    assert submit() == 0 and log.read_text() == "requeue 42\n"  # stopped early: again
+    assert submit(SRUN_STATUS="1") == 1 and log.read_text() == "requeue 42\n"  # crashed: no
+    (run_dir / "params").mkdir(parents=True)
+    assert submit() == 0 and log.read_text() == "requeue 42\n"  # finished: done

@@ -1,4 +1,5 @@
-"""The quickstart notebook runs top to bottom on CPU, offline, and its loss falls.
+"""The quickstart notebook runs top to bottom on CPU, offline, and its loss falls; its
+install cell installs the checkout it sits in, else the released package.
 
 The notebook is executed in a fresh Jupyter kernel, as a Colab user would run it. The
 kernel is a separate process: it inherits this process's environment (so
@@ -6,16 +7,16 @@ kernel is a separate process: it inherits this process's environment (so
 imports JAX.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
+import pytest
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 
 
-def _text(cell: nbformat.NotebookNode) -> str:
+def _text(cell) -> str:
     """Everything a code cell printed, as plain text."""
     parts = []
     for output in cell.get("outputs", []):
@@ -26,7 +27,14 @@ def _text(cell: nbformat.NotebookNode) -> str:
     return "".join(parts)
 
 
+def _needs(module: str):
+    return pytest.importorskip(module, reason=f"the notebook test needs {module} (.[test])")
+
+
+@pytest.mark.slow  # a fresh kernel and a 60-step run
 def test_quickstart_notebook_runs_and_loss_falls(tmp_path, monkeypatch):
+    nbformat, nbclient = _needs("nbformat"), _needs("nbclient")
+    _needs("ipykernel"), _needs("matplotlib")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), (
@@ -35,7 +43,7 @@ def test_quickstart_notebook_runs_and_loss_falls(tmp_path, monkeypatch):
 
     run_dir = tmp_path / "run"
     monkeypatch.setenv("JAXTRAIN_RUN_DIR", str(run_dir))
-    client = NotebookClient(
+    client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
     )
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
@@ -50,3 +58,31 @@ def test_quickstart_notebook_runs_and_loss_falls(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert (run_dir / "params").is_dir()
+
+
+def test_install_cell_installs_the_checkout_else_the_released_package(tmp_path, monkeypatch):
+    """Where jaxtrain is missing, the install cell pip-installs the checkout above the
+    working directory (editable), or the PyPI name outside one; where it is present (as in
+    the test above) it installs nothing, so nothing reaches for the network."""
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    source = "".join(next(c for c in cells if c.get("id") == "install")["source"])
+
+    def run_cell(cwd, missing):
+        calls = []
+        shell = type("Shell", (), {"run_line_magic": lambda self, *args: calls.append(args)})
+        find_spec = importlib.util.find_spec
+        if missing:
+            monkeypatch.setattr(
+                importlib.util,
+                "find_spec",
+                lambda name, *a: None if name == "jaxtrain" else find_spec(name, *a),
+            )
+        monkeypatch.chdir(cwd)
+        exec(source, {"get_ipython": lambda: shell()})
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        return calls
+
+    root = NOTEBOOK.parent.parent
+    assert run_cell(NOTEBOOK.parent, missing=True) == [("pip", f"install -q -e {root}")]
+    assert run_cell(tmp_path, missing=True) == [("pip", "install -q jaxtrain")]
+    assert run_cell(NOTEBOOK.parent, missing=False) == []

@@ -144,6 +144,9 @@ class Bert(nnx.Module):
             self.blocks, x, segment_ids, n=cfg.n_layers, remat=cfg.remat, dropout_key=dropout_key
         )
         h = jnp.einsum("BLD,DF->BLF", x, self.head_w[...].astype(cdt))
+        # Constrained like every hot activation: left free, XLA's SPMD partitioner gave
+        # wrong gradients (right logits) on a data x fsdp x tensor mesh (test_equivalence).
+        h = self.shard(h, ("batch", "length", "act_embed"))
         h = self.head_norm(jax.nn.gelu(h + self.head_b[...].astype(cdt), approximate=False))
         head = None if cfg.tie_embeddings else self.lm_head
         logits = vocab_logits(h, self.embed, head, cdt)

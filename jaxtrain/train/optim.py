@@ -22,6 +22,21 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The optimizer's own step count: the schedule's argument for its next update.
+
+    It differs from ``state.step`` once a step was skipped (``train.on_nonfinite=skip``
+    keeps the old optimizer state, count included), so the rate actually applied is
+    ``schedule(schedule_count(opt_state))``, not ``schedule(state.step)``.
+    """
+    kind = optax.ScaleByScheduleState
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind))
+    found = [leaf.count for leaf in leaves if isinstance(leaf, kind)]
+    if len(found) != 1:
+        raise ValueError(f"expected one scheduled rate in the optimizer state, found {len(found)}")
+    return found[0]
+
+
 def decay_mask(logical: Any) -> Any:
     """True for parameters that get weight decay: all but norm scales (and biases)."""
     return jax.tree.map(

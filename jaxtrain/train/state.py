@@ -65,16 +65,30 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
     return ModelSpec(graphdef, abstract_params, logical, shardings)
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, train key): two independent streams from the one root seed.
+
+    nnx draws parameter keys as ``fold_in(init, i)`` and stacked layers from
+    ``split(fold_in(init, i), n)``; the step's key is ``fold_in(train, step)``. Were the
+    train key any key of the init tree (as ``fold_in(root, 1)`` once was: the stacked
+    layers' key), step ``s`` would draw dropout masks from layer ``s``'s init keys. Two
+    children of the root keep the trees disjoint.
+    """
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, train_key
+
+
 def _init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable:
     def init(params: Any = None) -> TrainState:
+        init_key, train_key = seed_keys(cfg.train.seed)
         if params is None:  # fresh random parameters (else: given, e.g. imported)
-            model = models.build(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
+            model = models.build(cfg.model, rngs=nnx.Rngs(params=init_key))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            rng=jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1),
+            rng=train_key,
             skipped=jnp.zeros((), jnp.int32),
         )
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
 
 Batch = dict[str, jax.Array]
@@ -118,7 +119,9 @@ def make_train_step(
             skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
         metrics = {
             "loss": loss,
-            "lr": lr_schedule(state.step),
+            # The rate this update applied: the schedule at the optimizer's own count,
+            # which a skipped step (on_nonfinite=skip) does not advance.
+            "lr": lr_schedule(schedule_count(state.opt_state)),
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
