@@ -203,7 +203,7 @@ class ModelConfig:
         _check(
             self.family != "t5" or self.attention in ("auto", "xla"),
             "model.attention",
-            f"{quote(self.attention)} takes no additive score bias (t5's relative positions); "
+            f"{self.attention!r} takes no additive score bias (t5's relative positions); "
             "use auto or xla",
         )
         _check(

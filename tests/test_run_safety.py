@@ -265,3 +265,12 @@ def test_export_out_that_is_or_is_under_a_file(finished, tmp_path, where):
     with pytest.raises(UserError, match=r"^--out: .* a file, not a directory"):
         export_run(str(finished[0]), str(out), [], Console(quiet=True))
     assert blocker.read_text() == "x"
+
+
+def test_a_step_beyond_the_device_memory_is_refused_before_allocating(tmp_path):
+    """8 simulated devices share the host's RAM: a batch whose logits alone need
+    hundreds of GiB is refused after compiling, before anything is allocated or written."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^model: the compiled step needs .* GiB per device"):
+        train(cfg_for(run_dir, f"train.global_batch={2**23}"), Console(quiet=True))
+    assert not run_dir.exists()

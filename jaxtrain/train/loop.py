@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -85,6 +86,44 @@ def _memory_report(compiled: Any) -> str:
         f"temporaries {stats.temp_size_in_bytes * mib:.1f} MiB, "
         f"aliased {stats.alias_size_in_bytes * mib:.1f} MiB"
     )
+
+
+def device_memory(devices: list[jax.Device]) -> int | None:
+    """Bytes one of ``devices`` can hold: the accelerator's limit, or for (simulated) CPU
+    devices an equal share of the host's RAM; None when unknown."""
+    stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    return ram // len(devices) if devices[0].platform == "cpu" else None
+
+
+def check_fits(compiled: Any, devices: list[jax.Device]) -> None:
+    """Refuse a step whose per-device memory (XLA's analysis) exceeds the device.
+
+    Raises:
+        UserError: naming the sizes, before any parameter is allocated.
+    """
+    stats, limit = compiled.memory_analysis(), device_memory(devices)
+    if stats is None or limit is None:
+        return
+    need = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    if need > limit:
+        gib = 2**30
+        raise UserError(
+            f"model: the compiled step needs {need / gib:.1f} GiB per device but each of the "
+            f"{len(devices)} {devices[0].platform} devices holds {limit / gib:.1f} GiB; lower "
+            "the model sizes (model.*), train.global_batch or data.seq_len, raise "
+            "train.microbatches, or use more devices (`jaxtrain plan` shows where it goes)"
+        )
 
 
 def _check_finite(first_step: int, pending: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
@@ -171,6 +210,11 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         highlight=False,
     )
 
+    # Compiled before any state exists, so a step that cannot fit is refused unallocated.
+    compiled, compile_s = program.compile()
+    console.print(f"compiled train step in {compile_s:.1f}s; {_memory_report(compiled)}")
+    check_fits(compiled, jax.local_devices())
+
     with Checkpointer(run.checkpoints, cfg.checkpoint) as checkpointer:
         restored = None
         if cfg.checkpoint.resume:
@@ -182,9 +226,6 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         else:
             state = restored[0]
             console.print(f"resumed from {checkpointer.directory / str(start)} (step {start})")
-
-        compiled, compile_s = program.compile()
-        console.print(f"compiled train step in {compile_s:.1f}s; {_memory_report(compiled)}")
         if is_main:
             run.claim(cfg, start)
 
