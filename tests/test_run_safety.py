@@ -75,12 +75,13 @@ def corrupt(step_dir):
 
 
 def one_line_error(proc, *needles, after_start=False):
-    """Exit 2 and one error line; a run that had started may have printed its model line
-    before it, but nothing (no thread's traceback) may follow it."""
+    """Exit 2 and one error line; a run that had started may have printed its model and
+    compile lines before it, but nothing (no thread's traceback) may follow it."""
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     if after_start:
-        lines = [line for line in lines if not line.startswith("model: ")]
+        start_up = ("model: ", "compiled train step in ")
+        lines = [line for line in lines if not line.startswith(start_up)]
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("jaxtrain: error: "), lines[0]
     for needle in needles:
