@@ -204,39 +204,63 @@ FLASH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_flash_matches_reference(case):
+# The TPU family tiles keys through the grid in blocks of at least 128 (Mosaic's lanes):
+# lengths of a few key blocks, forward and backward blocks that differ, run by the
+# Pallas TPU interpreter (which fills scratch with NaN, so an unset accumulator shows).
+TPU_BLOCKS = BlockSizes(q=32, k=128, q_bwd=64, k_bwd=256)
+TPU_CASES = [
+    (True, 4, 2, 300, 300, True, None, "float32"),
+    (True, 4, 1, 290, 290, True, 70, "float32"),
+    (True, 4, 2, 100, 300, False, None, "float32"),
+    (False, 4, 4, 260, 260, True, 90, "bfloat16"),
+]
+
+
+def check_flash(case, blocks, platform, batch):
+    """Output and gradients of the kernel family ``platform`` (interpreted) equal the
+    reference's on fresh inputs."""
     causal, n, kv, q_len, k_len, with_segments, window, dtype = case
     seed = zlib.crc32(repr(case).encode())  # fresh inputs for every case
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(keys[0], (2, q_len, n, 16), dtype)
-    k = jax.random.normal(keys[1], (2, k_len, kv, 16), dtype)
-    v = jax.random.normal(keys[2], (2, k_len, kv, 16), dtype)
+    q = jax.random.normal(keys[0], (batch, q_len, n, 16), dtype)
+    k = jax.random.normal(keys[1], (batch, k_len, kv, 16), dtype)
+    v = jax.random.normal(keys[2], (batch, k_len, kv, 16), dtype)
     cotangent = jax.random.normal(keys[3], q.shape, jnp.float32)
-    seg = segments(2, q_len, seed) if with_segments else None
+    seg = segments(batch, q_len, seed) if with_segments else None
+    options = dict(causal=causal, window=window)
 
-    def flash(q, k, v):
+    def flash(q, k, v, seg):
         return flash_attention(
-            q, k, v, segment_ids=seg, causal=causal, window=window, block_sizes=SMALL_BLOCKS
+            q, k, v, segment_ids=seg, block_sizes=blocks, platform=platform, **options
         )
 
-    def reference(q, k, v):  # float32 on the same (possibly bfloat16-rounded) inputs
-        return xla_attention(q, k, v, segment_ids=seg, causal=causal, window=window)
+    def reference(q, k, v, seg):  # float32 on the same (possibly bfloat16-rounded) inputs
+        return xla_attention(q, k, v, segment_ids=seg, **options)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def value_and_grads(fn, q, k, v, cotangent):
-        out, pullback = jax.vjp(fn, q, k, v)
+    def value_and_grads(fn, q, k, v, seg, cotangent):
+        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
         return out, pullback(cotangent.astype(out.dtype))
 
-    out, grads = value_and_grads(flash, q, k, v, cotangent)
+    out, grads = value_and_grads(flash, q, k, v, seg, cotangent)
     ref, ref_grads = value_and_grads(
-        reference, *(x.astype(jnp.float32) for x in (q, k, v)), cotangent
+        reference, *(x.astype(jnp.float32) for x in (q, k, v)), seg, cotangent
     )
     assert out.dtype == q.dtype and all(g.dtype == q.dtype for g in grads)
     tolerance = 1e-5 if dtype == "float32" else 2e-2
     pairs = zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True)
     for name, got, want in pairs:
         assert relative_error(got, want) < tolerance, (name, relative_error(got, want))
+
+
+@pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_flash_matches_reference(case):
+    check_flash(case, SMALL_BLOCKS, "gpu", batch=2)
+
+
+@pytest.mark.parametrize("case", TPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_flash_tpu_kernels_match_reference(case):
+    check_flash(case, TPU_BLOCKS, "tpu", batch=1)
 
 
 def test_flash_never_builds_the_score_matrix():
