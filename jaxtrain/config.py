@@ -326,6 +326,9 @@ class DataConfig:
 
     ``eos_id`` is the document separator: -1 takes the tokenizer's own end-of-document
     token (a tokenizer.json without a known one is refused), another value that id.
+
+    ``prefetch`` batches are built ahead, in a background thread, while the step runs
+    (each held in device memory until its step); 0 builds each batch between steps.
     """
 
     path: str = ""
@@ -333,10 +336,12 @@ class DataConfig:
     seq_len: int = 256
     packing: bool = False
     eos_id: int = -1
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         _check(self.seq_len > 0, "data.seq_len", "must be positive")
         _check(self.eos_id >= -1, "data.eos_id", "must be >= 0, or -1 for the tokenizer's own")
+        _check(self.prefetch >= 0, "data.prefetch", "must be >= 0 (0 turns prefetching off)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Multi-process runs: real processes joined by jax.distributed (gloo on 127.0.0.1), 4 CPU
 devices each, started by `jaxtrain launch` (the README's command) or by explicit flags.
 
-Two processes train like one process with 8 devices; checkpoints move between process
+Two processes train like one process with 8 devices, whichever axis spans them (a
+process may then hold separate runs of batch rows); checkpoints move between process
 counts; a killed two-process run resumes bit-exact; SIGTERM to one rank stops both at
 the same step; a crashed rank makes the launcher stop the other and fail fast.
 """
@@ -23,13 +24,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tiny import TINY
 
 from jaxtrain import cli, config
+from jaxtrain.data import process_rows
 from jaxtrain.errors import UserError
 from jaxtrain.launch import free_port
 from jaxtrain.sharding import make_mesh
-from jaxtrain.sharding.mesh import _hybrid_grid
+from jaxtrain.sharding.mesh import BATCH_AXES, MESH_AXES, _hybrid_grid
 from jaxtrain.train import build_program
 from jaxtrain.train.loop import STEP_DELAY_ENV
 
@@ -161,15 +165,12 @@ def test_two_processes_match_one(reference):
     assert not re.search(r"^\[rank 1\] step ", output, re.M)  # ...and only process 0 logs
 
 
-@pytest.mark.slow
-def test_hybrid_mesh_puts_data_across_processes(tmp_path, reference):
-    """data=2 across the processes (dcn_data=2) x fsdp=4 within each, joined by explicit
-    --coordinator flags, trains like one process with 8 devices."""
-    layout = ["mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2"]
+def train_two_processes(run_dir, layout):
+    """Train ``layout`` in two processes x 4 devices joined by explicit --coordinator flags."""
     port = free_port()
     procs = [
         subprocess.Popen(
-            [EXE, "train", *sets(tmp_path, layout), "--coordinator", f"127.0.0.1:{port}"]
+            [EXE, "train", *sets(run_dir, layout), "--coordinator", f"127.0.0.1:{port}"]
             + ["--num-processes", "2", "--process-id", str(rank)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -185,6 +186,22 @@ def test_hybrid_mesh_puts_data_across_processes(tmp_path, reference):
             p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_hybrid_mesh_puts_data_across_processes(tmp_path, reference):
+    """data=2 across the processes (dcn_data=2) x fsdp=4 within each, joined by explicit
+    --coordinator flags, trains like one process with 8 devices."""
+    train_two_processes(tmp_path, ["mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2"])
+    assert_close(tmp_path, reference[0])
+
+
+@pytest.mark.slow
+def test_hybrid_mesh_splits_fsdp_across_processes_with_data_within(tmp_path, reference):
+    """fsdp=4 half across the processes (dcn_fsdp=2) x data=2 within each: each process
+    holds two separate runs of batch rows (0, 1, 4, 5 and 2, 3, 6, 7), builds just those,
+    and the run trains like one process with 8 devices."""
+    train_two_processes(tmp_path, ["mesh.data=2", "mesh.fsdp=4", "mesh.dcn_fsdp=2"])
     assert_close(tmp_path, reference[0])
 
 
@@ -211,6 +228,38 @@ def test_hybrid_grid_keeps_within_host_axes_on_one_host():
     ]
     with pytest.raises(UserError, match="^mesh.dcn_data: .* 3 host groups"):
         _hybrid_grid((3, 1, 1, 1), (3, 1, 1, 1), devices[:4])
+
+
+class ProcessView:
+    """A sharding seen from one fake process: only that process's devices are addressable."""
+
+    def __init__(self, sharding, devices):
+        self.sharding, self.devices = sharding, set(devices)
+
+    def addressable_devices_indices_map(self, shape):
+        indices = self.sharding.devices_indices_map(shape)
+        return {d: index for d, index in indices.items() if d in self.devices}
+
+
+def test_process_rows_of_fsdp_split_across_processes():
+    """With dcn_fsdp=2 and data=2 no device order makes a process's batch rows contiguous
+    (the batch is split over data, then fsdp): each process builds its separate rows."""
+    fake = [FakeDevice(i, i // 4) for i in range(8)]
+    grid = _hybrid_grid((2, 4, 1, 1), (1, 2, 1, 1), fake)
+    real = jax.devices()[:8]
+    mesh = Mesh(np.array([real[d.id] for d in grid.flat]).reshape(grid.shape), MESH_AXES)
+    sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+    by_process = [[real[d.id] for d in fake if d.process_index == p] for p in range(2)]
+    got = [process_rows(ProcessView(sharding, devices), (8, 16)) for devices in by_process]
+    assert got == [(0, 1, 4, 5), (2, 3, 6, 7)]
+    got = [process_rows(ProcessView(sharding, devices), (16, 16)) for devices in by_process]
+    assert got == [(0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15)]
+    # dcn_data=2: each process holds one half of the batch.
+    grid = _hybrid_grid((2, 4, 1, 1), (2, 1, 1, 1), fake)
+    mesh = Mesh(np.array([real[d.id] for d in grid.flat]).reshape(grid.shape), MESH_AXES)
+    sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+    got = [process_rows(ProcessView(sharding, devices), (8, 16)) for devices in by_process]
+    assert got == [range(0, 4), range(4, 8)]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from jaxtrain.data.loader import (
     sample_windows,
 )
 from jaxtrain.data.objectives import Objective, corrupt_spans, mask_tokens, span_lengths
+from jaxtrain.data.prefetch import Prefetcher
 from jaxtrain.data.prepare import prepare, prepare_warnings
 from jaxtrain.data.tokenizer import (
     ByteTokenizer,
@@ -24,6 +25,7 @@ __all__ = [
     "HFTokenizer",
     "Loader",
     "Objective",
+    "Prefetcher",
     "TokenDataset",
     "Tokenizer",
     "batch_dtypes",

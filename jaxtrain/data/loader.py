@@ -15,6 +15,7 @@ and ``weights`` (0 for the target that crosses from one document into the next).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -47,7 +48,7 @@ def sample_windows(
     stream: int,
     batch: int,
     seq_len: int,
-    rows: range | None = None,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Cuts ``batch`` random windows out of ``tokens``, deterministically.
 
@@ -58,8 +59,9 @@ def sample_windows(
       stream: separates independent streams of batches (train 0, eval 1).
       batch: rows in the global batch.
       seq_len: tokens per row.
-      rows: the rows to return; defaults to all. Row ``r`` is the same whatever
-        ``rows`` is, so processes can each build their own rows of one global batch.
+      rows: the rows to return, in this order; defaults to all. Row ``r`` is the same
+        whatever ``rows`` is, so processes can each build their own rows of one global
+        batch.
 
     Returns:
       ``{"inputs": int32[len(rows), seq_len], "targets": int32[len(rows), seq_len]}``,
@@ -108,27 +110,34 @@ def document_boundaries(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray
     }
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> range:
-    """The batch rows (dimension 0) held by this process's devices.
+def process_rows(
+    sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]
+) -> range | tuple[int, ...]:
+    """The batch rows (dimension 0) held by this process's devices, in increasing order.
+
+    Usually one contiguous run. A hybrid mesh that splits ``fsdp`` across hosts while
+    ``data`` stays within them (``mesh.dcn_fsdp`` > 1 with ``mesh.data`` > 1) gives each
+    process several separate runs: the batch is split over ``("data", "fsdp")``, data
+    outermost, so the host (a part of the fsdp index) is not the outermost part of the
+    row index, and no device order can change that. The rows are listed in the order
+    ``jax.make_array_from_process_local_data`` reads a process's data: the k-th block of
+    local rows goes to the devices of the k-th lowest shard.
 
     Args:
       sharding: the batch's sharding.
       global_shape: the global batch shape.
 
     Returns:
-      A contiguous range of row indices.
+      A range when the rows are contiguous, else a tuple of row indices.
     """
     n = global_shape[0]
-    spans = set()
+    held: set[int] = set()
     for index in sharding.addressable_devices_indices_map(global_shape).values():
-        start, stop, _ = index[0].indices(n) if index else (0, n, 1)
-        spans.add((start, stop))
-    spans = sorted(spans)
-    first, end = spans[0]
-    for start, stop in spans[1:]:
-        assert start <= end, f"this process's batch rows are not contiguous: {spans}"
-        end = max(end, stop)
-    return range(first, end)
+        held.update(range(*index[0].indices(n)) if index else range(n))
+    rows = sorted(held)
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return range(rows[0], rows[-1] + 1)
+    return tuple(rows)
 
 
 class Loader:

@@ -6,7 +6,10 @@ neighbouring devices (the fastest links on GPU nodes and TPU slices).
 
 In a multi-host run, ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` > 1 build a hybrid mesh: those
 ways of the axis span host groups (TPU slices, or runs of consecutive process ranks) and
-everything else, ``tensor`` included, stays on one host's fast interconnect.
+everything else, ``tensor`` included, stays on one host's fast interconnect. With
+``dcn_fsdp`` > 1 and ``data`` > 1 a process holds several separate runs of batch rows (the
+batch is split over data, then fsdp); the loader builds exactly those
+(:func:`jaxtrain.data.loader.process_rows`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The host loop: mesh -> data -> program -> restore or init -> compile -> train (log,
 eval, checkpoint) -> save.
 
-Everything device-side happens in the compiled step; this file only feeds it batches,
+Everything device-side happens in the compiled step; this file only feeds it batches
+(built ahead in a background thread, :class:`jaxtrain.data.Prefetcher`),
 reads metrics back at logging and checkpoint steps (never every step, so dispatch stays
 asynchronous), writes files, and turns SIGTERM/SIGINT into "checkpoint at the next step
 boundary, then exit" (in a multi-process run, at a step every process agrees on).
@@ -26,7 +27,7 @@ from rich.console import Console
 
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config
-from jaxtrain.data import Loader, check_dataset, load_tokenizer, open_dataset
+from jaxtrain.data import Loader, Prefetcher, check_dataset, load_tokenizer, open_dataset
 from jaxtrain.env import env_float
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import (
@@ -245,9 +246,11 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         finite_keys = ("param_norm",) if skipping else ("loss", "grad_norm", "param_norm")
         skipped_logged = int(jax.device_get(state.skipped))
         try:
-            with StopSignals() as signals:
+            # Batches are built ahead while earlier steps run, from `start` when resuming.
+            batches = Prefetcher(loader.train_batch, start, cfg.train.steps, cfg.data.prefetch)
+            with batches, StopSignals() as signals:
                 for step in range(start, cfg.train.steps):
-                    state, metrics = compiled(state, loader.train_batch(step))
+                    state, metrics = compiled(state, batches.get(step))
                     pending.append(metrics)
                     done = step + 1
                     if delay:
