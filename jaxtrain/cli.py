@@ -46,8 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, help="multi-process: how many processes")
     train.add_argument("--process-id", type=int, help="multi-process: this process's rank")
     train.add_argument("--dry-run", action="store_true", help="print the sharding plan and exit")
-    plan = sub.add_parser("plan", help="print the sharding plan of a config and exit")
+    plan = sub.add_parser(
+        "plan",
+        help="compile a config's train step and print its memory and traffic per device",
+        description="Compile the real train step for the config's mesh (on N simulated "
+        "devices with --devices or target.devices) and print memory per device by category "
+        "and collective bytes per step against ZeRO's ideal. Nothing is trained or allocated.",
+    )
     config_args(plan)
+    plan.add_argument(
+        "--devices", type=int, metavar="N", help="simulate N devices (default: target.devices)"
+    )
+    plan.add_argument(
+        "--hbm",
+        metavar="SIZE",
+        help="memory per device, e.g. 80GiB (default: target.hbm_gib): say whether it fits "
+        "with 10%% headroom, and if not, the cheapest change that does",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--params", action="store_true", help="also print every array's sharding")
 
     for name, text in (
         ("eval", "validation loss of a run's newest checkpoint"),
@@ -108,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from rich.console import Console
 
     from jaxtrain import config
@@ -118,7 +135,21 @@ def _train(args: argparse.Namespace) -> int:
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     if not out.is_terminal:
         out = Console(soft_wrap=True, width=200)
-    if args.command == "plan" or args.dry_run:
+    if args.command == "plan":
+        from jaxtrain.plan.command import plan_command
+
+        if args.devices is not None and args.devices < 0:
+            raise UserError(f"--devices: must be >= 0, got {args.devices}")
+        return plan_command(
+            cfg,
+            list(sys.argv[1:] if argv is None else argv),
+            out,
+            devices=args.devices,
+            hbm=args.hbm,
+            as_json=args.json,
+            show_params=args.params,
+        )
+    if args.dry_run:
         from jaxtrain.plan import print_plan
 
         print_plan(cfg, out)
@@ -206,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch(command, args.nproc, devices_per_proc=args.devices_per_proc)
         if args.command in ("eval", "export"):
             return _read_run(args)
-        return _train(args)
+        return _train(args, argv)
     except UserError as err:
         # one_line: a backstop for a message that quotes more input than it should.
         print(f"jaxtrain: error: {one_line(str(err))}", file=sys.stderr)

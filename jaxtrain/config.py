@@ -411,6 +411,21 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """The hardware a config is written for, read by ``jaxtrain plan``: the device kind
+    (free text, e.g. "H100 80GB" or "TPU v5e"), how many, and the memory of each in GiB.
+    The defaults mean the machine it runs on: the devices present and their memory."""
+
+    device: str = ""
+    devices: int = 0
+    hbm_gib: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.devices >= 0, "target.devices", "must be >= 0 (0: the devices present)")
+        _check(self.hbm_gib >= 0, "target.hbm_gib", "must be >= 0 (0: not stated)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run. Cross-section checks that need no devices live here."""
 
@@ -421,6 +436,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
+    target: TargetConfig = TargetConfig()
 
     def __post_init__(self) -> None:
         _check(

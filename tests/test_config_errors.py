@@ -423,10 +423,10 @@ def test_cli_empty_config_notes_and_plans(tmp_path):
     proc = jaxtrain("plan", "empty.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "jaxtrain: note: config file empty.yaml is empty; using the defaults\n"
-    assert "sharding plan" in proc.stdout
+    assert "memory per device" in proc.stdout
 
 
 def test_cli_plans_a_shipped_config_by_name(tmp_path):
     proc = jaxtrain("plan", "tiny", cwd=tmp_path)  # no configs/ folder here
     assert proc.returncode == 0, proc.stderr
-    assert "sharding plan" in proc.stdout
+    assert "memory per device" in proc.stdout

@@ -1,6 +1,9 @@
 """Every shipped config loads, validates, builds abstractly and resolves its shardings
-on the 8-device CPU mesh."""
+on the 8-device CPU mesh, names its target hardware and fits it (`jaxtrain plan`)."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,30 @@ def test_llama3_8b_has_8b_parameters():
     cfg = config.load(str(next(p for p in CONFIGS if p.name == "llama3-8b.yaml")))
     program = build_program(cfg, make_mesh(cfg))
     assert 8.0e9 < count_params(program.spec.abstract_params) < 8.1e9
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_names_its_target(path):
+    target = config.load(str(path)).target
+    if path.name == "tiny.yaml":  # the default: this machine
+        assert target == config.TargetConfig()
+    else:
+        assert target.device and target.devices > 0 and target.hbm_gib > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_fits_its_target(path):
+    """The real step compiled for the target's device count fits its memory (with 10%
+    headroom), as `jaxtrain plan CONFIG` reports it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxtrain.cli", "plan", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    target = config.load(str(path)).target
+    assert plan["devices"] == (target.devices or 8)
+    assert plan["fits"] is True, plan["memory_bytes_per_device"]

@@ -1,4 +1,4 @@
-"""``jaxtrain plan``: print where every parameter and optimizer-state array lives.
+"""The sharding table: where every parameter and optimizer-state array lives.
 
 One row per array (path, shape, dtype, PartitionSpec, bytes per device) and the totals,
 computed from abstract shapes only, so it works for models far larger than the machine.
@@ -10,16 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxtrain.config import Config
+from jaxtrain.plan.sizes import size_text
 from jaxtrain.sharding import PlanRow, make_mesh, plan_rows
 from jaxtrain.train.program import Program, build_program
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def state_plan(program: Program) -> tuple[list[PlanRow], list[PlanRow]]:
@@ -40,13 +33,18 @@ def print_plan(cfg: Config, console: Console) -> Program:
         table.add_column(column, justify="right" if column == "per device" else "left")
     for row in params:
         table.add_row(
-            row.path, str(row.shape), row.dtype, str(tuple(row.spec)), _size(row.bytes_per_device)
+            row.path,
+            str(row.shape),
+            row.dtype,
+            str(tuple(row.spec)),
+            size_text(row.bytes_per_device),
         )
     console.print(table)
     for name, rows in (("parameters", params), ("optimizer state", opt)):
         total = sum(r.bytes_total for r in rows)
         per_device = sum(r.bytes_per_device for r in rows)
         console.print(
-            f"{name}: {_size(total)} in total, {_size(per_device)} per device", highlight=False
+            f"{name}: {size_text(total)} in total, {size_text(per_device)} per device",
+            highlight=False,
         )
     return program

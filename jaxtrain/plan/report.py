@@ -1,0 +1,133 @@
+"""What a compiled train step needs per device: memory by category and collective traffic.
+
+Memory comes from the state's shardings (parameters, optimizer state, the float32
+gradients they imply) and from XLA's analysis of the compiled step (arguments, outputs,
+temporaries: activations, logits, gradients and the accumulator). The peak is what
+:func:`jaxtrain.train.loop.check_fits` compares with the device: arguments + outputs +
+temporaries - donated (aliased) bytes. Traffic is counted in the optimized HLO
+(:mod:`jaxtrain.plan.hlo`) and set against ZeRO's ideal for the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtrain.plan.hlo import KINDS, Traffic, collective_traffic
+from jaxtrain.plan.table import state_plan
+from jaxtrain.sharding.traffic import IdealTraffic, itemsize, zero_ideal
+from jaxtrain.train.program import Program
+
+HEADROOM = 0.9  # a plan fits when its peak is at most this share of the device's memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per device."""
+
+    parameters: int
+    optimizer: int
+    gradients: int
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs + self.temporaries - self.aliased
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One compiled step: its layout, memory, traffic and the ideal traffic."""
+
+    preset: str
+    mesh: dict[str, int]
+    devices: int
+    platform: str
+    microbatches: int
+    memory: Memory
+    traffic: dict[str, Traffic]
+    ideal: IdealTraffic
+    compile_s: float
+
+    def fits(self, hbm: int) -> bool:
+        return self.memory.peak <= HEADROOM * hbm
+
+    @property
+    def moved(self) -> int:
+        """Collective bytes per device per step at the program's dtypes."""
+        return sum(t.program_bytes for t in self.traffic.values())
+
+    def to_json(self) -> dict[str, Any]:
+        memory = dataclasses.asdict(self.memory) | {"peak": self.memory.peak}
+        return {
+            "preset": self.preset,
+            "mesh": self.mesh,
+            "devices": self.devices,
+            "platform": self.platform,
+            "microbatches": self.microbatches,
+            "compile_seconds": round(self.compile_s, 1),
+            "memory_bytes_per_device": memory,
+            "collectives_per_device_per_step": {
+                kind: dataclasses.asdict(t) for kind, t in self.traffic.items()
+            },
+            "zero_ideal_bytes": dataclasses.asdict(self.ideal) | {"total": self.ideal.total},
+            "moved_bytes": self.moved,
+        }
+
+
+def _f32_gradient_bytes(program: Program) -> int:
+    """Per-device bytes of float32 gradients laid out like the parameters."""
+    total = 0
+    for leaf, sharding in zip(
+        jax.tree.leaves(program.abstract_state.params),
+        jax.tree.leaves(program.state_shardings.params),
+        strict=True,
+    ):
+        total += int(np.prod(sharding.shard_shape(leaf.shape))) * 4
+    return total
+
+
+def make_plan(program: Program) -> Plan:
+    """Compile ``program``'s train step (allocating nothing) and measure it."""
+    start = time.perf_counter()
+    compiled = program.train_step.lower(program.abstract_state, program.abstract_batch()).compile()
+    compile_s = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    params, opt = state_plan(program)
+    memory = Memory(
+        parameters=sum(r.bytes_per_device for r in params),
+        optimizer=sum(r.bytes_per_device for r in opt),
+        gradients=_f32_gradient_bytes(program),
+        arguments=stats.argument_size_in_bytes,
+        outputs=stats.output_size_in_bytes,
+        aliased=stats.alias_size_in_bytes,
+        temporaries=stats.temp_size_in_bytes,
+    )
+    cfg = program.config
+    ideal = zero_ideal(
+        program.abstract_state.params,
+        program.state_shardings.params,
+        gather_itemsize=itemsize(cfg.model.compute_dtype),
+        reduce_itemsize=4,
+    )
+    traffic = collective_traffic(compiled.as_text())
+    devices = program.mesh.devices.flat
+    first = next(iter(devices))
+    return Plan(
+        preset=cfg.mesh.preset,
+        mesh={k: int(v) for k, v in program.mesh.shape.items()},
+        devices=int(program.mesh.devices.size),
+        platform=first.platform,
+        microbatches=cfg.train.microbatches,
+        memory=memory,
+        traffic={k: traffic[k] for k in KINDS},
+        ideal=ideal,
+        compile_s=compile_s,
+    )
