@@ -348,7 +348,13 @@ class DataConfig:
 class TrainConfig:
     """Length of the run, batch size, accumulation, how often to log and evaluate, and
     the objective: ``causal_lm`` (next token), ``mlm`` (masked tokens, BERT) or
-    ``span_corruption`` (T5)."""
+    ``span_corruption`` (T5).
+
+    ``loss_chunk_tokens``: the loss forms the float32 logits (and their gradient) of at
+    most this many tokens per device at a time, in interleaved chunks of positions
+    (:mod:`jaxtrain.train.loss`); a microbatch no larger is done whole, as is every
+    microbatch with 0.
+    """
 
     steps: int = 150
     global_batch: int = 16
@@ -359,6 +365,7 @@ class TrainConfig:
     eval_batches: int = 4
     on_nonfinite: str = "stop"
     objective: str = "causal_lm"
+    loss_chunk_tokens: int = 4096
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "must be positive")
@@ -382,6 +389,11 @@ class TrainConfig:
             f"must be one of {NONFINITE_ACTIONS}",
         )
         _check(self.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}")
+        _check(
+            self.loss_chunk_tokens >= 0,
+            "train.loss_chunk_tokens",
+            "must be >= 0 (0: the logits of a whole microbatch at once)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

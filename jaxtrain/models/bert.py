@@ -21,7 +21,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
-from jaxtrain.models.layers import GeluMLP, LayerNorm, Shard, dropout, no_shard, param, vocab_logits
+from jaxtrain.models.layers import (
+    GeluMLP,
+    LayerNorm,
+    Shard,
+    VocabHead,
+    dropout,
+    no_shard,
+    param,
+    vocab_head,
+)
 from jaxtrain.models.mha import MultiHeadAttention
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -109,7 +118,8 @@ class Bert(nnx.Module):
         segment_ids: jax.Array | None = None,
         token_types: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, VocabHead]:
         """Logits [B, L, V] in float32 at every position of int ``tokens`` [B, L].
 
         Args:
@@ -119,6 +129,8 @@ class Bert(nnx.Module):
             segment_ids: [B, L] document ids of packed rows; attention stays within one.
             token_types: [B, L] token types (segment A/B); default all 0.
             dropout_key: enables dropout (training) when given.
+            return_hidden: return ``(hidden, head)``, the transformed states and the
+                decoder with its bias, instead of the logits ``head(hidden)``.
         """
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -148,7 +160,6 @@ class Bert(nnx.Module):
         # wrong gradients (right logits) on a data x fsdp x tensor mesh (test_equivalence).
         h = self.shard(h, ("batch", "length", "act_embed"))
         h = self.head_norm(jax.nn.gelu(h + self.head_b[...].astype(cdt), approximate=False))
-        head = None if cfg.tie_embeddings else self.lm_head
-        logits = vocab_logits(h, self.embed, head, cdt)
-        logits = (logits + self.out_bias[...].astype(cdt)).astype(jnp.float32)
-        return self.shard(logits, ("batch", "length", "act_vocab"))
+        own = None if cfg.tie_embeddings else self.lm_head
+        head = vocab_head(self.embed, own, cdt, self.shard, bias=self.out_bias)
+        return (h, head) if return_hidden else head(h)

@@ -20,10 +20,11 @@ from jaxtrain.models.layers import (
     GeluMLP,
     LayerNorm,
     Shard,
+    VocabHead,
     dropout,
     no_shard,
     param,
-    vocab_logits,
+    vocab_head,
 )
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -99,7 +100,8 @@ class GPT2(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, VocabHead]:
         """Logits [B, L, V] in float32 for int ``tokens`` [B, L]; arguments as
         :meth:`jaxtrain.models.llama.Llama.__call__` (``positions`` index the table)."""
         cfg = self.cfg
@@ -121,7 +123,6 @@ class GPT2(nnx.Module):
             dropout_key=dropout_key,
         )
         x = self.final_norm(x)
-        head = None if cfg.tie_embeddings else self.lm_head
-        logits = vocab_logits(x, self.embed, head, cdt)
-        logits = logits.astype(jnp.float32)
-        return self.shard(logits, ("batch", "length", "act_vocab"))
+        own = None if cfg.tie_embeddings else self.lm_head
+        head = vocab_head(self.embed, own, cdt, self.shard)
+        return (x, head) if return_hidden else head(x)

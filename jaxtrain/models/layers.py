@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from jaxtrain.config import RopeScalingConfig
 from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl
@@ -125,14 +125,72 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def vocab_logits(
-    x: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype: jnp.dtype
-) -> jax.Array:
-    """x [B, L, D] -> [B, L, V] in ``dtype``: through the tied embedding [V, D] when
-    ``lm_head`` is None, else through ``lm_head`` [D, V]."""
+@struct.dataclass
+class VocabHead:
+    """The LM head as data: what turns final hidden states into logits.
+
+    ``head(x)`` maps x [B, L, D] in the compute dtype to float32 logits [B, L, V]:
+    ``(x * scale) @ W + bias`` in ``dtype``, then float32, where W is the tied embedding
+    [V, D] (``tied``) or an own head [D, V]. The model's ``__call__`` applies it to all
+    positions; :func:`jaxtrain.train.loss.chunked_cross_entropy_sum` to a chunk at a time.
+    ``weight`` and ``bias`` are the parameters as stored (float32 master copies), cast to
+    ``dtype`` here, where they are used: inside a chunked loss's rematerialised body, so
+    their gradients sum over chunks in float32.
+
+    Attributes:
+        weight: [V, D] when ``tied``, else [D, V].
+        bias: [V] (BERT's per-token output bias) or None.
+        tied: the layout of ``weight``.
+        dtype: the compute dtype of the matmul and the bias.
+        shard: the model's activation constraint, applied to the logits.
+        scale: multiplies x first (T5's tied head: ``D**-0.5``), or None.
+    """
+
+    weight: jax.Array
+    bias: jax.Array | None
+    tied: bool = struct.field(pytree_node=False)
+    dtype: jnp.dtype = struct.field(pytree_node=False)
+    shard: Shard = struct.field(pytree_node=False)
+    scale: float | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def weight_axes(self) -> tuple[str, str]:
+        """The logical axes of ``weight`` in the layout the matmul reads it: whole over D,
+        split over V as the logits are."""
+        return ("act_vocab", "act_embed") if self.tied else ("act_embed", "act_vocab")
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """x [B, L, D] -> float32 logits [B, L, V], unconstrained."""
+        dt = self.dtype
+        if self.scale is not None:
+            x = x * self.scale
+        if self.tied:
+            logits = jnp.einsum("BLD,VD->BLV", x, self.weight.astype(dt))
+        else:
+            logits = jnp.einsum("BLD,DV->BLV", x, self.weight.astype(dt))
+        if self.bias is not None:
+            logits = logits + self.bias.astype(dt)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.shard(self.project(x), ("batch", "length", "act_vocab"))
+
+
+def vocab_head(
+    embed: nnx.Param,
+    lm_head: nnx.Param | None,
+    dtype: jnp.dtype,
+    shard: Shard,
+    *,
+    bias: nnx.Param | None = None,
+    tied_scale: float | None = None,
+) -> VocabHead:
+    """The head through the tied embedding [V, D] when ``lm_head`` is None (its input
+    scaled by ``tied_scale``, if given), else through ``lm_head`` [D, V]."""
+    bias = None if bias is None else bias[...]
     if lm_head is None:
-        return jnp.einsum("BLD,VD->BLV", x, embed[...].astype(dtype))
-    return jnp.einsum("BLD,DV->BLV", x, lm_head[...].astype(dtype))
+        return VocabHead(embed[...], bias, tied=True, dtype=dtype, shard=shard, scale=tied_scale)
+    return VocabHead(lm_head[...], bias, tied=False, dtype=dtype, shard=shard)
 
 
 def attend(

@@ -23,11 +23,12 @@ from jaxtrain.models.layers import (
     Attention,
     RMSNorm,
     Shard,
+    VocabHead,
     dropout,
     no_shard,
     param,
     rope_tables,
-    vocab_logits,
+    vocab_head,
 )
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -105,7 +106,8 @@ class Llama(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, VocabHead]:
         """Logits [B, L, V] in float32 for int ``tokens`` [B, L].
 
         Args:
@@ -113,6 +115,9 @@ class Llama(nnx.Module):
             positions: [B, L] RoPE positions; default 0..L-1 in every row.
             segment_ids: [B, L] document ids for packed rows; attention stays within one.
             dropout_key: enables dropout (training) when given.
+            return_hidden: return ``(hidden, head)`` instead of the logits, where
+                ``head(hidden)`` [B, L, V] are the logits (for a loss that forms them a
+                chunk at a time: :mod:`jaxtrain.train.loss`).
         """
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -134,7 +139,6 @@ class Llama(nnx.Module):
         )
 
         x = self.final_norm(x)
-        head = None if cfg.tie_embeddings else self.lm_head
-        logits = vocab_logits(x, self.embed, head, cdt)
-        logits = logits.astype(jnp.float32)
-        return self.shard(logits, ("batch", "length", "act_vocab"))
+        own = None if cfg.tie_embeddings else self.lm_head
+        head = vocab_head(self.embed, own, cdt, self.shard)
+        return (x, head) if return_hidden else head(x)

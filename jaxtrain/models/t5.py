@@ -25,7 +25,17 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
-from jaxtrain.models.layers import MLP, RMSNorm, Shard, dropout, gelu_tanh, no_shard, param
+from jaxtrain.models.layers import (
+    MLP,
+    RMSNorm,
+    Shard,
+    VocabHead,
+    dropout,
+    gelu_tanh,
+    no_shard,
+    param,
+    vocab_head,
+)
 from jaxtrain.models.mha import MultiHeadAttention
 from jaxtrain.models.stack import scan_blocks, stacked
 
@@ -181,12 +191,14 @@ class T5(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, VocabHead]:
         """Logits [B, M, V] in float32 for encoder ``tokens`` [B, L] and
         ``decoder_inputs`` [B, M] (the targets shifted right after a start token).
 
         ``positions`` and ``segment_ids`` (packed rows) are not supported: T5's positions
-        are relative and its rows are never packed here.
+        are relative and its rows are never packed here. With ``return_hidden`` it returns
+        ``(hidden [B, M, D], head)`` instead, ``head(hidden)`` being the logits.
         """
         if positions is not None or segment_ids is not None:
             raise ValueError("t5 takes neither positions nor segment_ids (rows are not packed)")
@@ -211,10 +223,7 @@ class T5(nnx.Module):
             self.decoder, y, encoded, bias, n=cfg.n_layers, remat=cfg.remat, dropout_key=keys[4]
         )
         y = dropout(self.decoder_norm(y), cfg.dropout, keys[5])
-        if cfg.tie_embeddings:
-            y = y * cfg.d_model**-0.5
-            logits = jnp.einsum("BMD,VD->BMV", y, embed.astype(cdt))
-        else:
-            logits = jnp.einsum("BMD,DV->BMV", y, self.lm_head[...].astype(cdt))
-        logits = logits.astype(jnp.float32)
-        return self.shard(logits, ("batch", "length", "act_vocab"))
+        own = None if cfg.tie_embeddings else self.lm_head
+        # The tied head scales its input by D^-0.5, as the original T5 does.
+        head = vocab_head(self.embed, own, cdt, self.shard, tied_scale=cfg.d_model**-0.5)
+        return (y, head) if return_hidden else head(y)

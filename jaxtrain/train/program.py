@@ -107,12 +107,20 @@ def build_program(config: Config, mesh: Mesh) -> Program:
     batch_sharding = NamedSharding(mesh, batch_spec)
     layout = Objective.from_config(config).layout(config.data.seq_len, config.data.packing)
     batch_shardings = {key: batch_sharding for key in layout}
+    # The loss forms the logits a chunk at a time (train.loss_chunk_tokens per device),
+    # keeping one copy of the head's gradient per device the batch's rows are split over.
+    rows = batch_sharding.shard_shape((config.train.global_batch, config.data.seq_len))[0]
+    chunking = {
+        "loss_chunk_tokens": config.train.loss_chunk_tokens,
+        "row_shards": config.train.global_batch // rows,
+    }
     step = make_train_step(
         spec,
         tx,
         lr,
         microbatches=config.train.microbatches,
         skip_nonfinite=config.train.on_nonfinite == "skip",
+        **chunking,
     )
     train_step = jax.jit(
         step,
@@ -120,7 +128,9 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(spec), in_shardings=(shardings.params, batch_shardings))
+    eval_step = jax.jit(
+        make_eval_step(spec, **chunking), in_shardings=(shardings.params, batch_shardings)
+    )
     return Program(
         config,
         mesh,

@@ -2,7 +2,9 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is the whole update: forward, backward,
 gradient accumulation over microbatches (a ``lax.scan``, not a Python loop), clipping and
-the AdamW update. It does no host work; the loop jits it once with explicit shardings.
+the AdamW update. The loss forms the logits a chunk of positions at a time
+(:mod:`jaxtrain.train.loss`). It does no host work; the loop jits it once with explicit
+shardings.
 """
 
 from __future__ import annotations
@@ -14,25 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
 from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
 
 Batch = dict[str, jax.Array]
-
-
-def cross_entropy_sum(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy and the number of counted tokens (float32).
-
-    Args:
-        logits: [B, L, V] float32.
-        targets: [B, L] int token ids.
-        weights: optional [B, L] 0/1 weights; default all ones.
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    weights = jnp.ones_like(losses) if weights is None else weights.astype(losses.dtype)
-    return jnp.sum(losses * weights), jnp.sum(weights)
 
 
 def model_inputs(batch: Batch) -> dict[str, jax.Array | None]:
@@ -58,6 +46,28 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _loss_sum(
+    spec: ModelSpec,
+    params: Any,
+    batch: Batch,
+    key: jax.Array | None,
+    chunk_tokens: int,
+    row_shards: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(summed token loss, token count) of ``batch``, its logits formed for at most
+    ``chunk_tokens`` tokens per device at a time (0: all at once), its rows split over
+    ``row_shards`` devices."""
+    hidden, head = spec.apply(
+        params, batch["inputs"], dropout_key=key, return_hidden=True, **model_inputs(batch)
+    )
+    targets, weights = batch["targets"], batch.get("weights")
+    rows, length = targets.shape
+    chunks = chunk_count(-(-rows // row_shards), length, chunk_tokens)
+    return chunked_cross_entropy_sum(
+        hidden, head, targets, weights, chunks=chunks, row_shards=row_shards
+    )
+
+
 def make_train_step(
     spec: ModelSpec,
     tx: optax.GradientTransformation,
@@ -65,17 +75,20 @@ def make_train_step(
     *,
     microbatches: int = 1,
     skip_nonfinite: bool = False,
+    loss_chunk_tokens: int = 0,
+    row_shards: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step for a model, an optimizer and an accumulation count.
 
     With ``skip_nonfinite`` a step whose loss or gradient norm is NaN/Inf leaves the
     parameters and optimizer state as they were and counts itself in ``state.skipped``.
+    With ``loss_chunk_tokens`` the loss forms the logits of at most that many tokens per
+    device at a time (:func:`jaxtrain.train.loss.chunked_cross_entropy_sum`), given that
+    a batch's rows are split over ``row_shards`` devices.
     """
 
     def loss_fn(params, batch, key):
-        logits = spec.apply(params, batch["inputs"], dropout_key=key, **model_inputs(batch))
-        loss_sum, count = cross_entropy_sum(logits, batch["targets"], batch.get("weights"))
-        return loss_sum, count
+        return _loss_sum(spec, params, batch, key, loss_chunk_tokens, row_shards)
 
     def grad_fn(params, batch, key):
         """(float32 grads of the summed loss, summed loss, token count)."""
@@ -135,12 +148,14 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(spec: ModelSpec) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """``eval_step(params, batch) -> {"loss_sum", "count"}``, no dropout."""
+def make_eval_step(
+    spec: ModelSpec, *, loss_chunk_tokens: int = 0, row_shards: int = 1
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """``eval_step(params, batch) -> {"loss_sum", "count"}``, no dropout; the logits
+    formed a chunk at a time as in :func:`make_train_step`."""
 
     def eval_step(params, batch):
-        logits = spec.apply(params, batch["inputs"], **model_inputs(batch))
-        loss_sum, count = cross_entropy_sum(logits, batch["targets"], batch.get("weights"))
+        loss_sum, count = _loss_sum(spec, params, batch, None, loss_chunk_tokens, row_shards)
         return {"loss_sum": loss_sum, "count": count}
 
     return eval_step
