@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.layers import (
     GeluMLP,
     LayerNorm,
@@ -155,7 +156,7 @@ class Bert(nnx.Module):
         x = scan_blocks(
             self.blocks, x, segment_ids, n=cfg.n_layers, remat=cfg.remat, dropout_key=dropout_key
         )
-        h = jnp.einsum("BLD,DF->BLF", x, self.head_w[...].astype(cdt))
+        h = weight_einsum("BLD,DF->BLF", x, self.head_w[...], cdt)
         # Constrained like every hot activation: left free, XLA's SPMD partitioner gave
         # wrong gradients (right logits) on a data x fsdp x tensor mesh (test_equivalence).
         h = self.shard(h, ("batch", "length", "act_embed"))

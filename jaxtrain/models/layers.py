@@ -21,6 +21,7 @@ from flax import nnx, struct
 
 from jaxtrain.config import RopeScalingConfig
 from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl
+from jaxtrain.models.dense import weight_einsum
 from jaxtrain.sharding import per_shard
 
 Shard = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
@@ -165,9 +166,9 @@ class VocabHead:
         if self.scale is not None:
             x = x * self.scale
         if self.tied:
-            logits = jnp.einsum("BLD,VD->BLV", x, self.weight.astype(dt))
+            logits = weight_einsum("BLD,VD->BLV", x, self.weight, dt)
         else:
-            logits = jnp.einsum("BLD,DV->BLV", x, self.weight.astype(dt))
+            logits = weight_einsum("BLD,DV->BLV", x, self.weight, dt)
         if self.bias is not None:
             logits = logits + self.bias.astype(dt)
         return logits.astype(jnp.float32)
@@ -302,9 +303,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Project x [B, L, D] to q [B, L, N, H] and k, v [B, L, K, H]; bias, norm, rotate."""
         dt = self.compute_dtype
-        q = jnp.einsum("BLD,DNH->BLNH", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BLD,DKH->BLKH", x, self.wk[...].astype(dt))
-        v = jnp.einsum("BLD,DKH->BLKH", x, self.wv[...].astype(dt))
+        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], dt)
+        k = weight_einsum("BLD,DKH->BLKH", x, self.wk[...], dt)
+        v = weight_einsum("BLD,DKH->BLKH", x, self.wv[...], dt)
         if self.qkv_bias:
             q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         if self.qk_norm:
@@ -335,7 +336,7 @@ class Attention(nnx.Module):
             segment_ids=segment_ids,
             window=self.window,
         )
-        out = jnp.einsum("BLNH,NHD->BLD", out, self.wo[...].astype(dt))
+        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt)
         return out + self.bo[...].astype(dt) if self.out_bias else out
 
 
@@ -367,10 +368,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        gate = jnp.einsum("BLD,DF->BLF", x, self.w_gate[...].astype(dt))
-        up = jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(dt))
+        gate = weight_einsum("BLD,DF->BLF", x, self.w_gate[...], dt)
+        up = weight_einsum("BLD,DF->BLF", x, self.w_up[...], dt)
         hidden = self.shard(self.activation(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("BLF,FD->BLD", hidden, self.w_down[...].astype(dt))
+        return weight_einsum("BLF,FD->BLD", hidden, self.w_down[...], dt)
 
 
 class GeluMLP(nnx.Module):
@@ -401,8 +402,8 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        hidden = jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt)
+        hidden = weight_einsum("BLD,DF->BLF", x, self.w_in[...], dt) + self.b_in[...].astype(dt)
         hidden = jax.nn.gelu(hidden, approximate=self.approximate)
         hidden = self.shard(hidden, ("batch", "length", "act_mlp"))
-        out = jnp.einsum("BLF,FD->BLD", hidden, self.w_out[...].astype(dt))
+        out = weight_einsum("BLF,FD->BLD", hidden, self.w_out[...], dt)
         return out + self.b_out[...].astype(dt)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.layers import Shard, attend, param
 
 
@@ -105,9 +106,9 @@ class MultiHeadAttention(nnx.Module):
         """
         dt = self.compute_dtype
         source = x if context is None else context
-        q = jnp.einsum("BLD,DNH->BLNH", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BSD,DKH->BSKH", source, self.wk[...].astype(dt))
-        v = jnp.einsum("BSD,DKH->BSKH", source, self.wv[...].astype(dt))
+        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], dt)
+        k = weight_einsum("BSD,DKH->BSKH", source, self.wk[...], dt)
+        v = weight_einsum("BSD,DKH->BSKH", source, self.wv[...], dt)
         if self.bias:
             q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         q = self.shard(q, ("batch", "length", "act_heads", None))
@@ -125,5 +126,5 @@ class MultiHeadAttention(nnx.Module):
             scale=self.scale,
             bias=position_bias,
         )
-        out = jnp.einsum("BLNH,NHD->BLD", out, self.wo[...].astype(dt))
+        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt)
         return out + self.bo[...].astype(dt) if self.bias else out

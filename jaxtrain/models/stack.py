@@ -14,9 +14,15 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxtrain.models.dense import WEIGHT_MATMUL
+
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    # Matmuls against weights: plain dots, and weight_einsum's (hidden by its custom VJP).
+    "dots_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(WEIGHT_MATMUL)
+    ),
 }
 
 

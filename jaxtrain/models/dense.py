@@ -1,0 +1,56 @@
+"""A weight contraction whose weight gradient is formed, and reduced, in float32.
+
+``weight_einsum("BLD,DF->BLF", x, w, dtype)`` is ``einsum(x, w.astype(dtype))``. Plain
+JAX would give the bf16 copy ``w.astype(bf16)`` a bf16 gradient, so the partial sums
+that data-parallel devices add together (the all-reduce or reduce-scatter over the
+batch) would be rounded to bf16 before they reach the float32 master weight. Here the
+backward pass forms the weight gradient with a float32 result (``preferred_element_type``;
+the matmul still reads bf16) and returns it for the float32 weight, so the cross-device
+sum runs in float32. The input gradient stays in the input's dtype.
+
+The output is named ``WEIGHT_MATMUL`` for rematerialisation policies: a custom VJP hides
+the dot from ``dots_with_no_batch_dims_saveable``, so the ``dots_saveable`` policy saves
+these names as well (``models/stack.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+WEIGHT_MATMUL = "weight_matmul"
+
+
+def _operands(spec: str) -> tuple[str, str, str]:
+    inputs, out = spec.replace(" ", "").split("->")
+    x, w = inputs.split(",")
+    return x, w, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum(spec, x, w.astype(dtype))
+
+
+def _forward(spec: str, x: jax.Array, w: jax.Array, dtype):
+    return _einsum(spec, x, w, dtype), (x, w)
+
+
+def _backward(spec: str, dtype, residuals, g: jax.Array):
+    x, w = residuals
+    x_axes, w_axes, out_axes = _operands(spec)
+    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w.astype(dtype))
+    dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_einsum.defvjp(_forward, _backward)
+
+
+def weight_einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """``einsum(spec, x, w.astype(dtype))`` with a float32 weight gradient; ``spec`` names
+    the activation first and the weight second."""
+    return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype)), WEIGHT_MATMUL)
