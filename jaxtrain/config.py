@@ -31,6 +31,7 @@ DTYPES = ("float32", "bfloat16")
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
 NONFINITE_ACTIONS = ("stop", "skip")
+GRAD_ACCUMULATIONS = ("sharded", "local")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
 
 
@@ -354,6 +355,15 @@ class TrainConfig:
     most this many tokens per device at a time, in interleaved chunks of positions
     (:mod:`jaxtrain.train.loss`); a microbatch no larger is done whole, as is every
     microbatch with 0.
+
+    ``grad_accumulation`` (with ``microbatches`` > 1): ``sharded`` keeps the gradient sum
+    laid out like the parameters, so every microbatch's gradients are reduced across the
+    batch shards (reduce-scattered under ZeRO-3, all-reduced when replicated); ``local``
+    keeps each batch shard's own sum on its devices, unreduced, and reduces once per step.
+    ``local`` costs full-size float32 gradients per device (less any tensor split) where
+    the parameters are split over the batch axes (ZeRO-3) and nothing extra where they
+    are replicated (``dp``, ``zero1``); each batch shard draws its own dropout masks.
+    ``jaxtrain plan`` shows the memory and the collective bytes of either.
     """
 
     steps: int = 150
@@ -366,6 +376,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     objective: str = "causal_lm"
     loss_chunk_tokens: int = 4096
+    grad_accumulation: str = "sharded"
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "must be positive")
@@ -379,6 +390,11 @@ class TrainConfig:
             self.global_batch % self.microbatches == 0,
             "train.microbatches",
             f"{self.microbatches} does not divide train.global_batch={self.global_batch}",
+        )
+        _check(
+            self.grad_accumulation in GRAD_ACCUMULATIONS,
+            "train.grad_accumulation",
+            f"must be one of {GRAD_ACCUMULATIONS}",
         )
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")

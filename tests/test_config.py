@@ -55,6 +55,7 @@ def test_mesh_fill_axis():
         (["train.microbatches=3"], "train.microbatches"),
         (["train.steps"], "--set train.steps"),
         (["train.on_nonfinite=ignore"], "train.on_nonfinite"),
+        (["train.grad_accumulation=replicated"], "train.grad_accumulation"),
         (["mesh.dcn_data=0"], "mesh.dcn_data"),
         (["model.norm_eps=-1e-5"], "model.norm_eps"),
         (["model.family=gpt9"], "model.family"),

@@ -182,6 +182,34 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert_same_run(accumulated, whole)
 
 
+LOCAL = ("train.microbatches=2", "train.grad_accumulation=local")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("mesh.preset=dp", "mesh.data=4", "mesh.fsdp=1"),
+        ("mesh.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+    ],
+    ids=["dp4", "dp2_fsdp2_tp2"],
+)
+def test_local_gradient_accumulation_matches_one_device(layout):
+    """Each batch shard keeps its own gradient sum over 2 microbatches, reduced once: the
+    same run as one device taking the batch whole."""
+    devices = jax.devices()[: 4 if "mesh.data=4" in layout else 8]
+    assert_same_run(run([*layout, *LOCAL], devices), one_device())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_local_gradient_accumulation_other_families(family):
+    """The masked-LM weights and T5's decoder inputs split per shard like the tokens."""
+    layout = ("mesh.preset=fsdp", "mesh.data=2", "mesh.fsdp=2")
+    extra = FAMILIES[family]
+    result = run([*layout, *LOCAL, *extra], jax.devices()[:4])
+    assert_same_run(result, one_device(extra))
+
+
 def test_chunked_attention_train_step_matches_reference():
     """The block-skipping attention path gives the reference's training run, sharded."""
     layout = ["mesh.preset=fsdp_tp", "mesh.fsdp=4", "mesh.tensor=2", "data.seq_len=256"]

@@ -68,6 +68,15 @@ class Rules:
             raise KeyError(name)
         return table[name]
 
+    def within_batch_shard(self) -> Rules:
+        """These rules for code that runs on one batch shard's rows (vmapped over the
+        batch axes, as local gradient accumulation does): ``batch`` maps to no mesh axis,
+        everything else as here."""
+        return Rules(
+            params=tuple((k, None if k == "batch" else v) for k, v in self.params),
+            opt_state=tuple((k, None if k == "batch" else v) for k, v in self.opt_state),
+        )
+
 
 def _rules(params: dict[str, MeshAxes], opt_state: dict[str, MeshAxes] | None = None) -> Rules:
     opt_state = params if opt_state is None else opt_state

@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from jaxtrain.sharding.batch_shards import without_batch_axes
 from jaxtrain.sharding.mesh import BATCH_AXES
 
 
@@ -34,17 +35,6 @@ class IdealTraffic:
         return self.gather + self.reduce_scatter + self.all_reduce
 
 
-def _without_batch_axes(spec: PartitionSpec) -> tuple[PartitionSpec, bool]:
-    """``spec`` with the batch axes removed, and whether it had any."""
-    kept, had = [], False
-    for entry in spec:
-        axes = entry if isinstance(entry, tuple) else (entry,)
-        rest = tuple(a for a in axes if a is not None and a not in BATCH_AXES)
-        had |= len(rest) < len([a for a in axes if a is not None])
-        kept.append(rest if len(rest) > 1 else (rest[0] if rest else None))
-    return PartitionSpec(*kept), had
-
-
 def zero_ideal(
     abstract_params: Any, shardings: Any, gather_itemsize: int, reduce_itemsize: int
 ) -> IdealTraffic:
@@ -55,7 +45,7 @@ def zero_ideal(
     for leaf, sharding in zip(
         jax.tree.leaves(abstract_params), jax.tree.leaves(shardings), strict=True
     ):
-        spec, sharded = _without_batch_axes(sharding.spec)
+        spec, sharded = without_batch_axes(sharding.spec)
         mesh = sharding.mesh
         batch_ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
         elements = math.prod(NamedSharding(mesh, spec).shard_shape(leaf.shape))

@@ -19,9 +19,14 @@ from jax.sharding import Mesh, NamedSharding
 from jaxtrain.config import Config
 from jaxtrain.data import Loader, Objective, TokenDataset
 from jaxtrain.sharding import Rules, partition_spec, preset
+from jaxtrain.sharding.batch_shards import (
+    batch_axes,
+    per_shard_shardings,
+    shard_count,
+)
 from jaxtrain.train.optim import make_optimizer
 from jaxtrain.train.state import ModelSpec, TrainState, create_state, model_spec, state_shardings
-from jaxtrain.train.step import make_eval_step, make_train_step
+from jaxtrain.train.step import LocalAccumulation, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +96,27 @@ class Program:
         return compiled, time.perf_counter() - start
 
 
+def accumulates_locally(config: Config, batch: NamedSharding) -> bool:
+    """Whether the step keeps each batch shard's gradient sum on its devices
+    (``train.grad_accumulation=local``, several microbatches and batch shards)."""
+    train = config.train
+    return train.grad_accumulation == "local" and train.microbatches > 1 and shard_count(batch) > 1
+
+
+def local_accumulation(
+    config: Config, mesh: Mesh, rules: Rules, spec: ModelSpec, batch: NamedSharding
+) -> LocalAccumulation | None:
+    """What the step needs to accumulate locally, or None when it does not."""
+    if not accumulates_locally(config, batch):
+        return None
+    return LocalAccumulation(
+        spec=model_spec(config, mesh, rules.within_batch_shard()),
+        shards=shard_count(batch),
+        axes=batch_axes(batch),
+        shardings=per_shard_shardings(spec.param_shardings, batch),
+    )
+
+
 def build_program(config: Config, mesh: Mesh) -> Program:
     """Resolve shardings and jit the steps of ``config`` on ``mesh`` (allocates nothing)."""
     rules = preset(config.mesh.preset)
@@ -120,6 +146,7 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         lr,
         microbatches=config.train.microbatches,
         skip_nonfinite=config.train.on_nonfinite == "skip",
+        local=local_accumulation(config, mesh, rules, spec, batch_sharding),
         **chunking,
     )
     train_step = jax.jit(

@@ -2,13 +2,17 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is the whole update: forward, backward,
 gradient accumulation over microbatches (a ``lax.scan``, not a Python loop), clipping and
-the AdamW update. The loss forms the logits a chunk of positions at a time
-(:mod:`jaxtrain.train.loss`). It does no host work; the loop jits it once with explicit
-shardings.
+the AdamW update. Accumulation keeps its sum laid out like the parameters, or, with
+:class:`LocalAccumulation`, each batch shard's sum on that shard's devices
+(:mod:`jaxtrain.sharding.batch_shards`), reduced once per step. The loss forms the
+logits a chunk of positions at a time (:mod:`jaxtrain.train.loss`). It does no host
+work; the loop jits it once with explicit shardings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +50,31 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalAccumulation:
+    """Local gradient accumulation: ``spec`` is the model traced for one batch shard's
+    rows (no constraint names the batch axes), vmapped over ``shards`` shards laid over
+    the mesh axes ``axes``; ``shardings`` lays out the ``[shards, *shape]`` gradient
+    sums."""
+
+    spec: ModelSpec
+    shards: int
+    axes: tuple[str, ...]
+    shardings: Any
+
+
+def _per_shard_microbatches(batch: Batch, shards: int, n: int) -> Batch:
+    """[B, ...] -> [n, shards, B/(shards n), ...]: shard s holds rows s B/shards .. as the
+    batch sharding does, and microbatch m takes its rows m, m+n, ... (the same rows
+    :func:`_split_microbatches` gives microbatch m)."""
+
+    def split(x):
+        x = x.reshape(shards, x.shape[0] // (shards * n), n, *x.shape[1:])
+        return jnp.moveaxis(x, 2, 0)
+
+    return jax.tree.map(split, batch)
+
+
 def _loss_sum(
     spec: ModelSpec,
     params: Any,
@@ -77,6 +106,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     loss_chunk_tokens: int = 0,
     row_shards: int = 1,
+    local: LocalAccumulation | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step for a model, an optimizer and an accumulation count.
 
@@ -84,20 +114,49 @@ def make_train_step(
     parameters and optimizer state as they were and counts itself in ``state.skipped``.
     With ``loss_chunk_tokens`` the loss forms the logits of at most that many tokens per
     device at a time (:func:`jaxtrain.train.loss.chunked_cross_entropy_sum`), given that
-    a batch's rows are split over ``row_shards`` devices.
+    a batch's rows are split over ``row_shards`` devices. With ``local`` (and several
+    microbatches) each batch shard accumulates its own gradients, reduced once per step.
     """
 
-    def loss_fn(params, batch, key):
-        return _loss_sum(spec, params, batch, key, loss_chunk_tokens, row_shards)
-
-    def grad_fn(params, batch, key):
+    def grad_fn(params, batch, key, spec=spec, row_shards=row_shards):
         """(float32 grads of the summed loss, summed loss, token count)."""
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+
+        def loss_fn(params):
+            return _loss_sum(spec, params, batch, key, loss_chunk_tokens, row_shards)
+
+        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count
+
+    def local_grads_and_loss(params, batch, key):
+        """Each batch shard's gradient sum stays on its devices until the last microbatch."""
+        shard_grads = jax.vmap(
+            functools.partial(grad_fn, spec=local.spec, row_shards=1),
+            in_axes=(None, 0, 0),
+            spmd_axis_name=local.axes,
+        )
+
+        def accumulate(carry, xs):
+            grads, loss_sum, count = carry
+            mb, index = xs
+            keys = jax.random.split(jax.random.fold_in(key, index), local.shards)
+            g, l, c = shard_grads(params, mb, keys)
+            grads = jax.tree.map(jnp.add, grads, g)
+            grads = jax.lax.with_sharding_constraint(grads, local.shardings)
+            return (grads, loss_sum + jnp.sum(l), count + jnp.sum(c)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros((local.shards, *p.shape), jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, local.shardings)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        xs = (_per_shard_microbatches(batch, local.shards, microbatches), jnp.arange(microbatches))
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, xs)
+        grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+        return jax.lax.with_sharding_constraint(grads, spec.param_shardings), loss_sum, count
 
     def grads_and_loss(params, batch, key):
         if microbatches == 1:
             return grad_fn(params, batch, key)
+        if local is not None:
+            return local_grads_and_loss(params, batch, key)
 
         def accumulate(carry, xs):
             grads, loss_sum, count = carry
