@@ -148,6 +148,27 @@ def test_traffic_is_at_least_zero_ideal(tiny_plan):
     assert plan.moved >= ideal.total * 0.9
 
 
+def test_local_accumulation_reduces_once_per_step(tiny_plan):
+    """train.grad_accumulation=local: one reduction per step instead of one per
+    microbatch, the same gathers, and a whole float32 gradient sum per device."""
+    program, sharded = tiny_plan
+    cfg = config.load(None, [*ACCUMULATING, "train.grad_accumulation=local"])
+    local = make_plan(build_program(cfg, make_mesh(cfg)))
+    assert (sharded.accumulation, local.accumulation) == ("sharded", "local")
+    n_params = sum(p.size for p in jax.tree.leaves(program.abstract_state.params))
+    assert local.memory.gradients == n_params * 4  # not split over the 8 batch shards
+
+    def reduced(plan):
+        return sum(plan.traffic[k].program_bytes for k in ("reduce-scatter", "all-reduce"))
+
+    ideal = sharded.ideal.reduce_scatter + sharded.ideal.all_reduce
+    assert reduced(sharded) >= 2 * 0.9 * ideal  # once per microbatch
+    assert 0.9 * ideal <= reduced(local) <= 1.1 * ideal
+    gathered = {p.traffic["all-gather"].program_bytes for p in (sharded, local)}
+    assert max(gathered) <= 1.05 * min(gathered)
+    assert local.memory.temporaries > sharded.memory.temporaries
+
+
 def test_candidates_cheapest_first():
     cfg = config.load(None, ["mesh.data=2", "model.remat=none", "train.global_batch=16"])
     whys = [c.why for c in candidates(cfg, 8)]
@@ -157,6 +178,8 @@ def test_candidates_cheapest_first():
     assert whys[4] == "tensor parallel over 2" and whys[-1] == "all of the above"
     first = candidates(cfg, 8)[0]
     assert first.overrides == ("mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1")
+    local = config.load(None, ["train.microbatches=2", "train.grad_accumulation=local"])
+    assert candidates(local, 8)[0].overrides == ("train.grad_accumulation=sharded",)
 
 
 def jaxtrain_plan(*args, env=None):

@@ -39,6 +39,9 @@ def candidates(cfg: Config, n_devices: int) -> list[Change]:
                 ("mesh.data=1", f"mesh.fsdp={ways}", f"mesh.tensor={sizes['tensor']}"),
             )
         )
+    if train.grad_accumulation == "local" and train.microbatches > 1:
+        why = "accumulate gradients sharded (a reduction per microbatch)"
+        out.append(Change(why, ("train.grad_accumulation=sharded",)))
     if mesh.preset in ("dp", "zero1"):
         out.append(Change("shard parameters and gradients too (ZeRO-3)", ("mesh.preset=fsdp",)))
     if cfg.model.remat != "full":

@@ -18,6 +18,7 @@ def print_memory(plan: Plan, console: Console, hbm: int | None) -> None:
     title = (
         f"memory per device: preset {plan.preset}, mesh {plan.mesh}, {plan.devices} "
         f"{plan.platform} devices, {plan.microbatches} microbatch(es)"
+        + (", gradients accumulated locally" if plan.accumulation == "local" else "")
     )
     table = Table(title=title, title_justify="left")
     table.add_column("category")

@@ -19,8 +19,9 @@ import numpy as np
 
 from jaxtrain.plan.hlo import KINDS, Traffic, collective_traffic
 from jaxtrain.plan.table import state_plan
+from jaxtrain.sharding.batch_shards import per_shard_shardings, shard_count
 from jaxtrain.sharding.traffic import IdealTraffic, itemsize, zero_ideal
-from jaxtrain.train.program import Program
+from jaxtrain.train.program import Program, accumulates_locally
 
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the device's memory
 
@@ -51,6 +52,7 @@ class Plan:
     devices: int
     platform: str
     microbatches: int
+    accumulation: str  # where the gradient sum lives: "sharded" or "local"
     memory: Memory
     traffic: dict[str, Traffic]
     ideal: IdealTraffic
@@ -72,6 +74,7 @@ class Plan:
             "devices": self.devices,
             "platform": self.platform,
             "microbatches": self.microbatches,
+            "grad_accumulation": self.accumulation,
             "compile_seconds": round(self.compile_s, 1),
             "memory_bytes_per_device": memory,
             "collectives_per_device_per_step": {
@@ -83,14 +86,17 @@ class Plan:
 
 
 def _f32_gradient_bytes(program: Program) -> int:
-    """Per-device bytes of float32 gradients laid out like the parameters."""
+    """Per-device bytes of the float32 gradient sum: laid out like the parameters, or,
+    accumulated locally, one batch shard's whole sum per device."""
+    shapes = [leaf.shape for leaf in jax.tree.leaves(program.abstract_state.params)]
+    shardings = program.state_shardings.params
+    if accumulates_locally(program.config, program.batch_sharding):
+        shards = shard_count(program.batch_sharding)
+        shapes = [(shards, *shape) for shape in shapes]
+        shardings = per_shard_shardings(shardings, program.batch_sharding)
     total = 0
-    for leaf, sharding in zip(
-        jax.tree.leaves(program.abstract_state.params),
-        jax.tree.leaves(program.state_shardings.params),
-        strict=True,
-    ):
-        total += int(np.prod(sharding.shard_shape(leaf.shape))) * 4
+    for shape, sharding in zip(shapes, jax.tree.leaves(shardings), strict=True):
+        total += int(np.prod(sharding.shard_shape(shape))) * 4
     return total
 
 
@@ -126,6 +132,7 @@ def make_plan(program: Program) -> Plan:
         devices=int(program.mesh.devices.size),
         platform=first.platform,
         microbatches=cfg.train.microbatches,
+        accumulation="local" if accumulates_locally(cfg, program.batch_sharding) else "sharded",
         memory=memory,
         traffic={k: traffic[k] for k in KINDS},
         ideal=ideal,
