@@ -149,14 +149,21 @@ def _fwd_kernel(*refs, st: KernelSpec, nk: int):
         lse_ref[...] = lse
 
 
-def key_block(st: KernelSpec, bq: int, bk: int, nk: int):
-    """Index map helper: the key block a (query block i, step j) fetches."""
+def _visited(blocks, own: int, other: int, n: int):
+    """Index map helper: the block of the other side (of ``other`` rows, ``n`` of them)
+    that step j of own block i fetches, clamped to the blocks the mask lets it see
+    (``blocks(start, own, other, n) -> (lo, hi)``)."""
 
     def index(i, j):
-        lo, hi = st.mask.key_blocks(i * bq, bq, bk, nk)
-        return clamp(j, lo, hi, nk)
+        lo, hi = blocks(i * own, own, other, n)
+        return clamp(j, lo, hi, n)
 
     return index
+
+
+def key_block(st: KernelSpec, bq: int, bk: int, nk: int):
+    """Index map helper: the key block a (query block i, step j) fetches."""
+    return _visited(st.mask.key_blocks, bq, bk, nk)
 
 
 def _forward_call(st: KernelSpec, q, k) -> _Call:
@@ -280,12 +287,7 @@ def _dkdv_kernel(*refs, st: KernelSpec, nq: int):
 
 def query_block(st: KernelSpec, bq: int, bk: int, nq: int):
     """Index map helper: the query block a (key block j, step i) fetches."""
-
-    def index(j, i):
-        lo, hi = st.mask.query_blocks(j * bk, bk, bq, nq)
-        return clamp(i, lo, hi, nq)
-
-    return index
+    return _visited(st.mask.query_blocks, bk, bq, nq)
 
 
 def _dkdv_call(st: KernelSpec, q, k) -> _Call:

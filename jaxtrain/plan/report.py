@@ -3,8 +3,8 @@
 Memory comes from the state's shardings (parameters, optimizer state, the float32
 gradients they imply) and from XLA's analysis of the compiled step (arguments, outputs,
 temporaries: activations, logits, gradients and the accumulator). The peak is what
-:func:`jaxtrain.train.loop.check_fits` compares with the device: arguments + outputs +
-temporaries - donated (aliased) bytes. Traffic is counted in the optimized HLO
+:func:`jaxtrain.train.loop.check_fits` compares with the device
+(:func:`jaxtrain.train.loop.step_peak`). Traffic is counted in the optimized HLO
 (:mod:`jaxtrain.plan.hlo`) and set against ZeRO's ideal for the same layout.
 """
 
@@ -21,6 +21,7 @@ from jaxtrain.plan.hlo import KINDS, Traffic, collective_traffic
 from jaxtrain.plan.table import state_plan
 from jaxtrain.sharding.batch_shards import per_shard_shardings, shard_count
 from jaxtrain.sharding.traffic import IdealTraffic, itemsize, zero_ideal
+from jaxtrain.train.loop import step_peak
 from jaxtrain.train.program import Program, accumulates_locally
 
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the device's memory
@@ -37,10 +38,7 @@ class Memory:
     outputs: int
     aliased: int
     temporaries: int
-
-    @property
-    def peak(self) -> int:
-        return self.arguments + self.outputs + self.temporaries - self.aliased
+    peak: int  # arguments + outputs + temporaries - aliased
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +65,7 @@ class Plan:
         return sum(t.program_bytes for t in self.traffic.values())
 
     def to_json(self) -> dict[str, Any]:
-        memory = dataclasses.asdict(self.memory) | {"peak": self.memory.peak}
+        memory = dataclasses.asdict(self.memory)
         return {
             "preset": self.preset,
             "mesh": self.mesh,
@@ -115,6 +113,7 @@ def make_plan(program: Program) -> Plan:
         outputs=stats.output_size_in_bytes,
         aliased=stats.alias_size_in_bytes,
         temporaries=stats.temp_size_in_bytes,
+        peak=step_peak(stats),
     )
     cfg = program.config
     ideal = zero_ideal(

@@ -102,6 +102,17 @@ def device_memory(devices: list[jax.Device]) -> int | None:
     return ram // len(devices) if devices[0].platform == "cpu" else None
 
 
+def step_peak(stats: Any) -> int:
+    """A compiled step's peak bytes per device from XLA's memory analysis: arguments,
+    outputs and temporaries, less the outputs written over donated arguments."""
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
 def check_fits(compiled: Any, devices: list[jax.Device]) -> None:
     """Refuse a step whose per-device memory (XLA's analysis) exceeds the device.
 
@@ -111,12 +122,7 @@ def check_fits(compiled: Any, devices: list[jax.Device]) -> None:
     stats, limit = compiled.memory_analysis(), device_memory(devices)
     if stats is None or limit is None:
         return
-    need = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
+    need = step_peak(stats)
     if need > limit:
         gib = 2**30
         raise UserError(
