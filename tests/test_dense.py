@@ -89,3 +89,31 @@ def test_dots_saveable_keeps_weight_matmuls():
 
     assert matmul_outputs(REMAT_POLICIES["dots_saveable"]) == ["bf16[4,16]", "bf16[4,8]"]
     assert matmul_outputs(REMAT_POLICIES["full"]) == []
+
+
+def test_weight_is_gathered_at_the_compute_dtype():
+    """ZeRO-3 weights in scanned, rematerialised layers (as models/stack.py runs them):
+    the backward pass gathers the bf16 copy, never the float32 weight, so the gathers
+    cost what plain JAX's do."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    x = jax.ShapeDtypeStruct(
+        (8, 4, 64), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
+    )
+    w = jax.ShapeDtypeStruct(
+        (3, 64, 64), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "fsdp"))
+    )
+
+    def gathered(f):
+        @jax.checkpoint
+        def layer(x, w):
+            return jnp.tanh(f(x, w)), None
+
+        def loss(x, w):
+            return jnp.sum(jax.lax.scan(layer, x, w)[0].astype(jnp.float32) ** 2)
+
+        hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).compile().as_text()
+        return collective_traffic(hlo)["all-gather"].program_bytes
+
+    ours = gathered(lambda x, w: weight_einsum("BLD,DF->BLF", x, w, jnp.bfloat16))
+    plain = gathered(lambda x, w: jnp.einsum("BLD,DF->BLF", x, w.astype(jnp.bfloat16)))
+    assert 0 < ours <= plain, (ours, plain)

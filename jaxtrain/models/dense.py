@@ -30,21 +30,24 @@ def _operands(spec: str) -> tuple[str, str, str]:
     return x, w, out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _einsum(spec: str, x: jax.Array, w: jax.Array, dtype, w_dtype) -> jax.Array:
     return jnp.einsum(spec, x, w.astype(dtype))
 
 
-def _forward(spec: str, x: jax.Array, w: jax.Array, dtype):
-    return _einsum(spec, x, w, dtype), (x, w)
+def _forward(spec: str, x: jax.Array, w: jax.Array, dtype, w_dtype):
+    # The weight is kept as cast for the matmul, so the backward pass (and a remat's
+    # recomputation) gathers it, sharded, at the compute dtype once, as plain JAX does.
+    cast = w.astype(dtype)
+    return jnp.einsum(spec, x, cast), (x, cast)
 
 
-def _backward(spec: str, dtype, residuals, g: jax.Array):
-    x, w = residuals
+def _backward(spec: str, dtype, w_dtype, residuals, g: jax.Array):
+    x, cast = residuals
     x_axes, w_axes, out_axes = _operands(spec)
-    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w.astype(dtype))
+    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, cast)
     dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x, g, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dx.astype(x.dtype), dw.astype(w_dtype)
 
 
 _einsum.defvjp(_forward, _backward)
@@ -53,4 +56,4 @@ _einsum.defvjp(_forward, _backward)
 def weight_einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """``einsum(spec, x, w.astype(dtype))`` with a float32 weight gradient; ``spec`` names
     the activation first and the weight second."""
-    return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype)), WEIGHT_MATMUL)
+    return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype), w.dtype), WEIGHT_MATMUL)
