@@ -66,6 +66,7 @@ def xla_attention(
     window: int | None = None,
     scale: float | None = None,
     bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention in plain JAX, accumulating in float32.
 
@@ -83,6 +84,9 @@ def xla_attention(
         scale: softmax scale; default 1 / sqrt(H).
         bias: optional [1 or B, N, L, S] added to the scaled scores (T5's relative
             position bias; Raffel et al., 2020). Only this reference takes one.
+        mask: optional [B, L, S] bool, True where a query may see a key, on top of the
+            other masks (a KV cache's filled, unpadded slots). Only this reference takes
+            one; every query must see at least one key.
 
     Returns:
         [B, L, N, H] in q's dtype.
@@ -95,9 +99,12 @@ def xla_attention(
     scores = scores * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(-1, kv, n // kv, q_len, k_len)
-    mask = _mask(q_len, k_len, causal, segment_ids, segment_ids, window)
+    visible = _mask(q_len, k_len, causal, segment_ids, segment_ids, window)
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        given = mask[:, None, None]
+        visible = given if visible is None else visible & given
+    if visible is not None:
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v)
     return out.reshape(b, q_len, n, h)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxtrain.config import RopeScalingConfig
-from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl
+from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl, xla_attention
 from jaxtrain.models.dense import weight_einsum
 from jaxtrain.sharding import per_shard
 
@@ -321,7 +321,6 @@ class Attention(nnx.Module):
         cos: jax.Array | None,
         segment_ids: jax.Array | None,
     ) -> jax.Array:
-        dt = self.compute_dtype
         q, k, v = self._qkv(x, sin, cos)
         q = self.shard(q, ("batch", "length", "act_heads", None))
         k = self.shard(k, ("batch", "length", "act_kv_heads", None))
@@ -336,8 +335,41 @@ class Attention(nnx.Module):
             segment_ids=segment_ids,
             window=self.window,
         )
+        return self._out(out)
+
+    def _out(self, out: jax.Array) -> jax.Array:
+        """The heads [B, L, N, H] projected back to [B, L, D]."""
+        dt = self.compute_dtype
         out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt)
         return out + self.bo[...].astype(dt) if self.out_bias else out
+
+    def decode(
+        self,
+        x: jax.Array,
+        sin: jax.Array | None,
+        cos: jax.Array | None,
+        cache: tuple[jax.Array, jax.Array],
+        slot: jax.Array,
+        sees: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Incremental self-attention (:mod:`jaxtrain.models.kv_cache`): the keys and
+        values of x [B, L, D] are written into this layer's cache [B, S, K, H] at
+        ``slot``, and each query attends to the slots ``sees`` [B, L, S] allows.
+
+        Returns:
+            (output [B, L, D], the updated (keys, values)).
+        """
+        q, k, v = self._qkv(x, sin, cos)
+        keys, values = (
+            self.shard(
+                jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), slot, axis=1),
+                ("batch", "length", "act_kv_heads", None),
+            )
+            for c, t in zip(cache, (k, v), strict=True)
+        )
+        q = self.shard(q, ("batch", "length", "act_heads", None))
+        out = xla_attention(q, keys, values, causal=False, mask=sees)
+        return self._out(out), (keys, values)
 
 
 class MLP(nnx.Module):

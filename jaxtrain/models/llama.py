@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.models.kv_cache import CACHE_AXES, Cache, step_positions, visible
 from jaxtrain.models.layers import (
     MLP,
     Attention,
@@ -30,7 +31,7 @@ from jaxtrain.models.layers import (
     rope_tables,
     vocab_head,
 )
-from jaxtrain.models.stack import scan_blocks, stacked
+from jaxtrain.models.stack import scan_blocks, scan_decode, stacked
 
 
 class Block(nnx.Module):
@@ -83,6 +84,21 @@ class Block(nnx.Module):
         h = self.mlp(self.mlp_norm(x))
         x = x + dropout(h, self.dropout, keys[1])
         return self.shard(x, ("batch", "length", "act_embed"))
+
+    def decode(
+        self,
+        x: jax.Array,
+        cache: Cache,
+        sin: jax.Array,
+        cos: jax.Array,
+        slot: jax.Array,
+        sees: jax.Array,
+    ) -> tuple[jax.Array, Cache]:
+        """The block in incremental decoding over its layer's cache (no dropout)."""
+        h, cache = self.attn.decode(self.attn_norm(x), sin, cos, cache, slot, sees)
+        x = self.shard(x + h, ("batch", "length", "act_embed"))
+        x = x + self.mlp(self.mlp_norm(x))
+        return self.shard(x, ("batch", "length", "act_embed")), cache
 
 
 class Llama(nnx.Module):
@@ -138,7 +154,31 @@ class Llama(nnx.Module):
             dropout_key=dropout_key,
         )
 
+        return self._head(x, return_hidden)
+
+    def _head(self, x: jax.Array, return_hidden: bool = False):
         x = self.final_norm(x)
-        own = None if cfg.tie_embeddings else self.lm_head
-        head = vocab_head(self.embed, own, cdt, self.shard)
+        own = None if self.cfg.tie_embeddings else self.lm_head
+        head = vocab_head(self.embed, own, jnp.dtype(self.cfg.compute_dtype), self.shard)
         return (x, head) if return_hidden else head(x)
+
+    def decode(
+        self, tokens: jax.Array, cache: Cache, slot: jax.Array, pad: jax.Array
+    ) -> tuple[jax.Array, Cache]:
+        """Incremental decoding (:mod:`jaxtrain.models.kv_cache`): float32 logits
+        [B, L, V] of ``tokens`` [B, L] fed at cache slot ``slot``, rows left-padded by
+        ``pad`` [B] slots, and the cache with their keys and values written.
+
+        Prefill feeds the (left-padded) prompts at slot 0; each decode step then feeds one
+        token per row at the next slot.
+        """
+        cfg = self.cfg
+        length, slots = tokens.shape[1], cache[0].shape[2]
+        positions = step_positions(slot, length, pad)
+        sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        sees = visible(slot, length, pad, slots, cfg.sliding_window or None)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.compute_dtype))
+        x = self.shard(x, ("batch", "length", "act_embed"))
+        cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
+        x, cache = scan_decode(self.blocks, x, cache, sin, cos, slot, sees)
+        return self._head(x), tuple(self.shard(c, CACHE_AXES) for c in cache)

@@ -59,3 +59,20 @@ def scan_blocks(
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (layers, keys))
     return x
+
+
+def scan_decode(
+    blocks: nnx.Module, x: jax.Array, cache: tuple[jax.Array, jax.Array], *args: Any
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """``x`` [B, L, D] through the ``n`` stacked blocks in incremental decoding, each
+    called as ``block.decode(x, layer_cache, *args)`` with its slice of ``cache``
+    ([layers, B, S, K, H] keys and values); returns x and the updated cache."""
+    graphdef, layers = nnx.split(blocks)
+
+    def body(x, layer):
+        layer_state, layer_cache = layer
+        block = nnx.merge(graphdef, layer_state)
+        x, layer_cache = block.decode(x, layer_cache, *args)
+        return x, layer_cache
+
+    return jax.lax.scan(body, x, (layers, cache))

@@ -1,0 +1,1 @@
+"""Text generation: KV-cache decoding, sampling and beam search."""

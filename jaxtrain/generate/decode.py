@@ -1,0 +1,105 @@
+"""Prefill and decode on the device: prompts in, new tokens out, one compile per shape.
+
+``generate_tokens`` takes left-padded prompts ``[B, T]`` (row b's first ``pad[b]``
+tokens are padding) and returns ``[B, max_new]`` new tokens. It runs the prompt through
+the model once (prefill, filling the KV cache), then a ``lax.while_loop`` feeds one
+token per row per step until every row has produced its EOS or ``max_new`` tokens: the
+whole loop is one XLA program, compiled once per (batch, prompt length, max_new,
+sampling) and never per token. Rows that are done emit ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrain.generate.sampling import SamplingConfig, mark_seen, sample, seen_mask
+from jaxtrain.models.kv_cache import empty_cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sampling", "eos_id", "pad_id"))
+def generate_tokens(
+    graphdef: Any,
+    state: Any,
+    prompts: jax.Array,
+    pad: jax.Array,
+    key: jax.Array,
+    *,
+    max_new: int,
+    sampling: SamplingConfig,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """New tokens for left-padded ``prompts``.
+
+    Args:
+        graphdef, state: the model split by ``nnx.split`` (a decoder with ``decode``).
+        prompts: [B, T] int32, row b left-padded by ``pad[b]`` tokens.
+        pad: [B] int32.
+        key: PRNG key for sampling (unused when greedy).
+        max_new: the most tokens to generate per row.
+        sampling: how each token is picked.
+        eos_id: a row stops after emitting it (None: never).
+        pad_id: what a row emits after it has stopped.
+
+    Returns:
+        ([B, max_new] int32 tokens, [B] int32 count of tokens each row generated, its EOS
+        included).
+    """
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    batch, length = prompts.shape
+    cache = empty_cache(
+        cfg.n_layers,
+        batch,
+        length + max_new,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        jnp.dtype(cfg.compute_dtype),
+    )
+    logits, cache = model.decode(prompts, cache, 0, pad)
+    valid = jnp.arange(length)[None, :] >= pad[:, None]
+    seen = seen_mask(prompts, cfg.vocab_size, valid)
+    key, first = jax.random.split(key)
+    token = sample(logits[:, -1], first, seen, sampling)
+    out = jnp.full((batch, max_new), pad_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    count = jnp.zeros((batch,), jnp.int32)
+
+    def running(carry):
+        step, *_, done, _ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def step_fn(carry):
+        step, token, cache, seen, out, count, done, key = carry
+        out = out.at[:, step].set(jnp.where(done, pad_id, token))
+        count = count + (~done).astype(jnp.int32)
+        if eos_id is not None:
+            done = done | (token == eos_id)
+        seen = mark_seen(seen, token)
+        logits, cache = model.decode(token[:, None], cache, length + step, pad)
+        key, draw = jax.random.split(key)
+        token = sample(logits[:, 0], draw, seen, sampling)
+        return step + 1, token, cache, seen, out, count, done, key
+
+    carry = (0, token, cache, seen, out, count, done, key)
+    carry = jax.lax.while_loop(running, step_fn, carry)
+    return carry[4], carry[5]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[Any, Any]:
+    """([B, T] int32 left-padded prompts, [B] int32 padding per row), T the longest
+    prompt rounded up to ``multiple`` (fewer distinct shapes, fewer compiles)."""
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // multiple) * multiple
+    rows = np.full((len(prompts), length), pad_id, np.int32)
+    pad = np.zeros(len(prompts), np.int32)
+    for i, prompt in enumerate(prompts):
+        pad[i] = length - len(prompt)
+        rows[i, pad[i] :] = prompt
+    return rows, pad

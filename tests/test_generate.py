@@ -1,0 +1,88 @@
+"""Generation equals transformers: greedy decoding of every decoder family's HF fixture
+gives transformers' ``generate(do_sample=False)`` tokens, left-padded batches included."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain.generate.decode import generate_tokens, left_pad
+from jaxtrain.generate.sampling import SamplingConfig
+from jaxtrain.models import from_pretrained
+from jaxtrain.models.hf import read_config
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
+NEW = 10
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
+def test_greedy_equals_transformers(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    directory = FIXTURES / name
+    ids = np.load(directory / "input_ids.npy")
+    prompts = [ids[0, :9].tolist(), ids[1, :4].tolist()]  # left-padded by 0 and 5
+    rows, pad = left_pad(prompts, pad_id=0)
+    eos = read_config(directory).get("eos_token_id")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(rows, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=NEW,
+            pad_token_id=0,
+        )
+    want = out[:, rows.shape[1] :].numpy()
+
+    _, model = from_pretrained(directory)
+    graphdef, state = nnx.split(model)
+    got, count = generate_tokens(
+        graphdef,
+        state,
+        rows,
+        pad,
+        jax.random.PRNGKey(0),
+        max_new=NEW,
+        sampling=SamplingConfig(greedy=True),
+        eos_id=eos,
+        pad_id=0,
+    )
+    got = np.asarray(got)
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    assert (got[:, want.shape[1] :] == 0).all()
+    assert (np.asarray(count) <= NEW).all()
+
+
+def run(directory, sampling, eos=None, seed=0):
+    ids = np.load(directory / "input_ids.npy")
+    rows, pad = left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+    _, model = from_pretrained(directory)
+    graphdef, state = nnx.split(model)
+    key = jax.random.PRNGKey(seed)
+    out = generate_tokens(
+        graphdef, state, rows, pad, key, max_new=NEW, sampling=sampling, eos_id=eos, pad_id=0
+    )
+    return tuple(np.asarray(x) for x in out)
+
+
+def test_eos_stops_its_row_and_sampling_is_seeded():
+    directory = FIXTURES / "llama"
+    greedy, count = run(directory, SamplingConfig(greedy=True))
+    assert (count == NEW).all()
+    # The EOS is row 0's third greedy token: row 0 stops after it, row 1 goes on.
+    eos = int(greedy[0, 2])
+    stopped, count = run(directory, SamplingConfig(greedy=True), eos=eos)
+    assert count[0] == 3 and (stopped[0, :3] == greedy[0, :3]).all()
+    assert (stopped[0, 3:] == 0).all()
+    first_eos = np.flatnonzero(greedy[1] == eos)
+    assert count[1] == (first_eos[0] + 1 if first_eos.size else NEW)
+    # top_k=1 is greedy; a seed reproduces a draw and another seed differs.
+    assert (run(directory, SamplingConfig(top_k=1))[0] == greedy).all()
+    hot = SamplingConfig(temperature=1.5)
+    a, b, c = (run(directory, hot, seed=s)[0] for s in (1, 1, 2))
+    assert (a == b).all() and not (a == c).all()
