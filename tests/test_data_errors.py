@@ -324,7 +324,7 @@ def test_data_tests_skip_without_pyarrow():
     failing the whole module at collection."""
     code = (
         "import sys; sys.modules['pyarrow'] = None; import pytest; "
-        "sys.exit(pytest.main(['-q', '-rs', '-p', 'no:cacheprovider', "
+        "sys.exit(pytest.main(['-q', '-rs', '-p', 'no:cacheprovider', '-n', '0', "
         "'tests/test_data.py', '-k', 'prepare_and_open or byte_tokenizer']))"
     )
     proc = subprocess.run(
