@@ -11,6 +11,7 @@ import argparse
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from jaxtrain.errors import UserError, one_line
 
@@ -83,6 +84,29 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
         )
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue prompts with a run's model or a Hugging Face model",
+        description="Generate text from a run's newest checkpoint (--run) or a Hugging Face "
+        "model directory with its tokenizer.json (--hf). One prompt streams to the terminal "
+        "as it is produced; several are generated as one batch.",
+    )
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="DIR", help="a run directory")
+    source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT")
+    gen.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file: one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample"
+    )
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1: off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     launch = sub.add_parser(
         "launch",
@@ -204,6 +228,55 @@ def _read_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from jaxtrain.generate.api import Generator
+    from jaxtrain.generate.sampling import SamplingConfig
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--prompt-file: cannot read {args.prompt_file}: {err}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("--prompt: give a prompt (--prompt TEXT or --prompt-file FILE)")
+    greedy = args.temperature == 0
+    sampling = SamplingConfig(
+        temperature=1.0 if greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        greedy=greedy,
+    )
+    if args.run:
+        generator = Generator.from_run(args.run, args.overrides)
+    else:
+        generator = Generator.from_hf(args.hf)
+    one = len(prompts) == 1
+
+    def show(row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if one:
+        sys.stdout.write(prompts[0])
+    texts = generator(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        stop=args.stop,
+        on_text=show if one else None,
+    )
+    if one:
+        sys.stdout.write("\n")
+    else:
+        for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+            print(f"[{i}] {prompt}{text}")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from jaxtrain.data import prepare, prepare_warnings
 
@@ -237,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch(command, args.nproc, devices_per_proc=args.devices_per_proc)
         if args.command in ("eval", "export"):
             return _read_run(args)
+        if args.command == "generate":
+            return _generate(args)
         return _train(args, argv)
     except UserError as err:
         # one_line: a backstop for a message that quotes more input than it should.

@@ -5,12 +5,15 @@ tokens are padding) and returns ``[B, max_new]`` new tokens. It runs the prompt 
 the model once (prefill, filling the KV cache), then a ``lax.while_loop`` feeds one
 token per row per step until every row has produced its EOS or ``max_new`` tokens: the
 whole loop is one XLA program, compiled once per (batch, prompt length, max_new,
-sampling) and never per token. Rows that are done emit ``pad_id``.
+sampling) and never per token. Rows that are done emit ``pad_id``. With ``stream``, each
+step's tokens also reach the host as they are made (``streaming``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -21,8 +24,45 @@ from flax import nnx
 from jaxtrain.generate.sampling import SamplingConfig, mark_seen, sample, seen_mask
 from jaxtrain.models.kv_cache import empty_cache
 
+# Where streamed tokens go: the innermost sink set by ``streaming`` (the compiled loop
+# calls one fixed function, so a new sink does not recompile it). Host callbacks are not
+# ordered on several devices, so each carries its step and the sink is fed in order.
+_SINKS: list[_InOrder] = []
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sampling", "eos_id", "pad_id"))
+
+class _InOrder:
+    """Hands a sink each step's tokens in step order, whatever order they arrive in."""
+
+    def __init__(self, sink: Callable[[np.ndarray], None]):
+        self.sink, self.next, self.pending = sink, 0, {}
+
+    def __call__(self, step: int, tokens: np.ndarray) -> None:
+        self.pending[step] = tokens
+        while self.next in self.pending:
+            self.sink(self.pending.pop(self.next))
+            self.next += 1
+
+
+def _emit(step: Any, tokens: Any) -> None:
+    if _SINKS:
+        _SINKS[-1](int(step), np.asarray(tokens))
+
+
+@contextlib.contextmanager
+def streaming(sink: Callable[[np.ndarray], None]) -> Iterator[None]:
+    """Within this block, ``generate_tokens(..., stream=True)`` hands ``sink`` each
+    step's [B] tokens as the device produces them, in order (rows that are done give
+    ``pad_id``)."""
+    _SINKS.append(_InOrder(sink))
+    try:
+        yield
+    finally:
+        _SINKS.pop()
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new", "sampling", "eos_id", "pad_id", "stream")
+)
 def generate_tokens(
     graphdef: Any,
     state: Any,
@@ -34,6 +74,7 @@ def generate_tokens(
     sampling: SamplingConfig,
     eos_id: int | None = None,
     pad_id: int = 0,
+    stream: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """New tokens for left-padded ``prompts``.
 
@@ -46,6 +87,7 @@ def generate_tokens(
         sampling: how each token is picked.
         eos_id: a row stops after emitting it (None: never).
         pad_id: what a row emits after it has stopped.
+        stream: send each step's tokens to the host as they are made (``streaming``).
 
     Returns:
         ([B, max_new] int32 tokens, [B] int32 count of tokens each row generated, its EOS
@@ -77,7 +119,10 @@ def generate_tokens(
 
     def step_fn(carry):
         step, token, cache, seen, out, count, done, key = carry
-        out = out.at[:, step].set(jnp.where(done, pad_id, token))
+        emitted = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(emitted)
+        if stream:
+            jax.debug.callback(_emit, step, emitted)
         count = count + (~done).astype(jnp.int32)
         if eos_id is not None:
             done = done | (token == eos_id)

@@ -70,8 +70,8 @@ class Rules:
 
     def within_batch_shard(self) -> Rules:
         """These rules for code that runs on one batch shard's rows (vmapped over the
-        batch axes, as local gradient accumulation does): ``batch`` maps to no mesh axis,
-        everything else as here."""
+        batch axes, as local gradient accumulation does) or on a batch too small to split
+        (generation): ``batch`` maps to no mesh axis, everything else as here."""
         return Rules(
             params=tuple((k, None if k == "batch" else v) for k, v in self.params),
             opt_state=tuple((k, None if k == "batch" else v) for k, v in self.opt_state),

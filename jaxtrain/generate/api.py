@@ -1,0 +1,180 @@
+"""Text in, text out: a trained run or a Hugging Face model generating from prompts.
+
+``Generator.from_run(DIR)`` or ``Generator.from_hf(DIR)`` loads the model and its
+tokenizer; ``generator(prompts, ...)`` encodes the prompts, left-pads them into a
+shape bucket (prompt length rounded up to ``BUCKET``, so nearby lengths share one
+compile), runs :func:`jaxtrain.generate.decode.generate_tokens` and decodes the new
+tokens, cut at the first stop string. ``on_text`` receives each step's new text per row
+as the device produces it (``jaxtrain generate`` streams it to the terminal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxtrain.config import ModelConfig
+from jaxtrain.data import load_tokenizer
+from jaxtrain.errors import UserError
+from jaxtrain.generate.decode import generate_tokens, left_pad, streaming
+from jaxtrain.generate.sampling import SamplingConfig
+
+BUCKET = 16  # prompt lengths are padded to a multiple of this
+DECODERS = ("llama",)  # families with a KV-cache decode (LLaMA, Mistral, Qwen2/3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """A model ready to generate: its config, its graph and parameters, its tokenizer."""
+
+    model: ModelConfig
+    graphdef: Any
+    params: Any
+    tokenizer: Any
+
+    @classmethod
+    def from_run(cls, run: str, overrides: Sequence[str] = (), console: Any = None) -> Generator:
+        """The newest checkpoint of a run directory, with the run's tokenizer.
+
+        Raises:
+            UserError: if ``run`` is not a run directory, has no checkpoint, or its model
+                family cannot generate yet.
+        """
+        from rich.console import Console
+
+        from jaxtrain.train.runs import load_run
+        from jaxtrain.train.state import model_spec
+
+        cfg, program, state, _ = load_run(run, overrides, console or Console(stderr=True))
+        _check_family(cfg.model, "--run")
+        tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
+        # The parameters stay as the run shards them; a batch of prompts is too small to
+        # split over the batch axes, so the model is traced with its rows whole.
+        spec = model_spec(cfg, program.mesh, program.rules.within_batch_shard())
+        return cls(cfg.model, spec.graphdef, state.params, tokenizer)
+
+    @classmethod
+    def from_hf(cls, path: str) -> Generator:
+        """A Hugging Face model directory (config.json, safetensors, tokenizer.json).
+
+        Raises:
+            UserError: for an unreadable directory, a family that cannot generate yet or
+                a directory without ``tokenizer.json``.
+        """
+        from jaxtrain.models import from_pretrained
+
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise UserError(f"--hf: {path} has no tokenizer.json to encode the prompt with")
+        cfg, model = from_pretrained(path)
+        _check_family(cfg, "--hf")
+        graphdef, params = nnx.split(model)
+        return cls(cfg, graphdef, params, load_tokenizer(str(path)))
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        """The text each prompt continues with.
+
+        Args:
+            prompts: one or more prompts (a batch; lengths may differ).
+            max_new_tokens: the most tokens generated per prompt.
+            sampling: how tokens are picked (default: greedy).
+            seed: the sampling seed.
+            stop: strings that end a row's text (the text is cut before them; the device
+                runs to EOS or ``max_new_tokens``).
+            on_text: called with (row, new text) as each step's tokens arrive.
+
+        Returns:
+            The generated text of each prompt, EOS and stop string excluded.
+        """
+        if not prompts:
+            raise UserError("--prompt: give at least one prompt")
+        if max_new_tokens < 1:
+            raise UserError("--max-new-tokens: must be positive")
+        sampling = sampling or SamplingConfig(greedy=True)
+        eos = self.tokenizer.eos_id
+        encoded = [self.tokenizer.encode(p).tolist() for p in prompts]
+        if any(not ids for ids in encoded):
+            raise UserError("--prompt: a prompt is empty")
+        rows, pad = left_pad(encoded, pad_id=eos, multiple=BUCKET)
+        texts = _TextStream(self.tokenizer, len(prompts), eos, stop, on_text)
+        key = jax.random.PRNGKey(seed)
+        kwargs = dict(max_new=max_new_tokens, sampling=sampling, eos_id=eos, pad_id=eos)
+        with streaming(texts.add):
+            tokens, counts = generate_tokens(
+                self.graphdef, self.params, rows, pad, key, stream=on_text is not None, **kwargs
+            )
+        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        out = []
+        for row, count in zip(tokens, counts, strict=True):
+            ids = [t for t in row[:count].tolist() if t != eos]
+            out.append(_cut(self.tokenizer.decode(ids), stop))
+        texts.finish(out)
+        return out
+
+
+def _check_family(cfg: ModelConfig, where: str) -> None:
+    if cfg.family not in DECODERS:
+        raise UserError(
+            f"{where}: generation is not implemented for model.family={cfg.family} yet "
+            f"(it is for {', '.join(DECODERS)})"
+        )
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to its first stop string."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+class _TextStream:
+    """Turns each step's tokens into each row's new text for ``on_text``: the decoded
+    text so far, less what was already handed out (a token may complete a character)."""
+
+    def __init__(self, tokenizer, rows, eos, stop, on_text):
+        self.tokenizer, self.eos, self.stop, self.on_text = tokenizer, eos, stop, on_text
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.sent = [""] * rows
+        self.done = [False] * rows
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self.on_text is None:
+            return
+        for row, token in enumerate(tokens.tolist()):
+            if self.done[row]:
+                continue
+            if token == self.eos:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row])
+            cut = _cut(text, self.stop)
+            if len(cut) < len(text):
+                self.done[row] = True
+            if text.endswith("\ufffd") and not self.done[row]:
+                continue  # wait for the rest of a multi-byte character
+            if len(cut) > len(self.sent[row]):
+                self.on_text(row, cut[len(self.sent[row]) :])
+                self.sent[row] = cut
+
+    def finish(self, texts: Sequence[str]) -> None:
+        """Hand out what is still held back (an incomplete character at the end)."""
+        if self.on_text is None:
+            return
+        for row, text in enumerate(texts):
+            if len(text) > len(self.sent[row]):
+                self.on_text(row, text[len(self.sent[row]) :])
+                self.sent[row] = text
