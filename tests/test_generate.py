@@ -86,3 +86,27 @@ def test_eos_stops_its_row_and_sampling_is_seeded():
     hot = SamplingConfig(temperature=1.5)
     a, b, c = (run(directory, hot, seed=s)[0] for s in (1, 1, 2))
     assert (a == b).all() and not (a == c).all()
+
+
+@pytest.mark.parametrize(
+    "mesh", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}], ids=["fsdp8", "fsdp4_tp2"]
+)
+def test_generation_on_8_devices_equals_one_device(mesh):
+    """The parameters sharded over 8 devices (and the cache's heads over tensor): the
+    same tokens, and the same sampled tokens for a seed, as on one device."""
+    from jaxtrain import config
+    from jaxtrain.sharding import make_mesh, preset
+
+    directory = FIXTURES / "qwen3"
+    cfg = config.from_dict({"mesh": mesh})
+    rules = preset(cfg.mesh.preset).within_batch_shard()
+    _, sharded = from_pretrained(directory, make_mesh(cfg), rules=rules)
+    assert len(sharded.blocks.attn.wq[...].sharding.device_set) == 8
+    ids = np.load(directory / "input_ids.npy")
+    rows, pad = left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+    for sampling in (SamplingConfig(greedy=True), SamplingConfig(temperature=1.3, top_p=0.9)):
+        graphdef, state = nnx.split(sharded)
+        key = jax.random.PRNGKey(7)
+        got = generate_tokens(graphdef, state, rows, pad, key, max_new=NEW, sampling=sampling)
+        want = run(directory, sampling, seed=7)
+        np.testing.assert_array_equal(np.asarray(got[0]), want[0])
