@@ -135,10 +135,9 @@ def build_program(config: Config, mesh: Mesh) -> Program:
     batch_shardings = {key: batch_sharding for key in layout}
     # The loss forms the logits a chunk at a time (train.loss_chunk_tokens per device),
     # keeping one copy of the head's gradient per device the batch's rows are split over.
-    rows = batch_sharding.shard_shape((config.train.global_batch, config.data.seq_len))[0]
     chunking = {
         "loss_chunk_tokens": config.train.loss_chunk_tokens,
-        "row_shards": config.train.global_batch // rows,
+        "row_shards": shard_count(batch_sharding),
     }
     step = make_train_step(
         spec,
