@@ -1,6 +1,7 @@
 """Incremental decoding over a KV cache equals a full forward over the growing sequence:
 left-padded prompts of different lengths, grouped-query heads, Qwen's biases and norms,
-and Mistral's sliding window past its length."""
+GPT-2's learned positions, and Mistral's sliding window past its length, in a full cache
+and in a rolling buffer of ``window`` entries (the prompt longer than the window)."""
 
 import functools
 
@@ -12,12 +13,14 @@ from flax import nnx
 from tiny import TINY
 
 from jaxtrain import config, models
-from jaxtrain.models.kv_cache import empty_cache
+from jaxtrain.models.kv_cache import cache_slots, empty_cache
 
 VARIANTS = {
     "llama": (),
     "qwen": ("model.qkv_bias=true", "model.qk_norm=true", "model.head_dim=32"),
     "mistral": ("model.sliding_window=3",),
+    "mistral-rolling": ("model.sliding_window=4",),  # 6 prompt slots: the buffer wraps
+    "gpt2": ("model.family=gpt2",),
 }
 PROMPT, NEW = 6, 5  # padded prompt length, tokens fed one at a time after it
 PADS = np.array([0, 2, 5])  # left padding of each row's prompt
@@ -41,9 +44,11 @@ def test_cached_decode_equals_full_forward(variant):
         return nnx.merge(graphdef, state).decode(tokens, cache, slot, pad)
 
     forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
-    cache = empty_cache(
-        cfg.n_layers, len(PADS), PROMPT + NEW, cfg.n_kv_heads, cfg.head_dim, jnp.float32
-    )
+    slots = PROMPT + NEW
+    if variant.endswith("rolling"):
+        slots = cache_slots(slots, cfg.sliding_window)
+        assert slots == cfg.sliding_window < PROMPT
+    cache = empty_cache(cfg.n_layers, len(PADS), slots, cfg.n_kv_heads, cfg.head_dim, jnp.float32)
     pad = jnp.asarray(PADS)
     prefill, cache = decode(state, jnp.asarray(tokens[:, :PROMPT]), cache, 0, pad)
     steps = [np.asarray(prefill[:, -1])]

@@ -17,7 +17,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NEW = 10
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2"])
 def test_greedy_equals_transformers(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -12,6 +12,7 @@ from jaxtrain.generate.api import Generator
 from jaxtrain.generate.sampling import SamplingConfig
 
 PROMPT = "def main("
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,15 @@ def test_cli_streams_what_the_api_returns(run_dir):
         (["--run", "RUN", "--prompt", "x", "--top-p", "2"], "generate.top_p"),
         (["--run", "RUN", "--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file"),
         (["--hf", "HF", "--prompt", "x"], "--hf"),
+        # GPT-2's 32 learned positions (the fixture's n_positions) cannot hold 40 + 8 tokens
+        (["--hf", "GPT2", "--prompt", " ".join(map(str, range(40)))], "model.max_seq_len"),
     ],
 )
 def test_bad_input_gets_one_line(args, key, run_dir, tmp_path):
     hf = tmp_path / "hf"  # a model directory without tokenizer.json
-    shutil.copytree(Path(__file__).parent / "fixtures" / "hf" / "llama", hf)
-    args = [str(run_dir) if a == "RUN" else str(hf) if a == "HF" else a for a in args]
+    shutil.copytree(FIXTURES / "llama", hf)
+    paths = {"RUN": run_dir, "HF": hf, "GPT2": FIXTURES / "gpt2"}
+    args = [str(paths.get(a, a)) for a in args]
     proc = jaxtrain("generate", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -26,7 +26,7 @@ from jaxtrain.generate.decode import generate_tokens, left_pad, streaming
 from jaxtrain.generate.sampling import SamplingConfig
 
 BUCKET = 16  # prompt lengths are padded to a multiple of this
-DECODERS = ("llama",)  # families with a KV-cache decode (LLaMA, Mistral, Qwen2/3)
+DECODERS = ("llama", "gpt2")  # families with a KV-cache decode (+ Mistral, Qwen2/3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,7 @@ class Generator:
         encoded = [self.tokenizer.encode(p).tolist() for p in prompts]
         if any(not ids for ids in encoded):
             raise UserError("--prompt: a prompt is empty")
+        self._check_positions(max(len(ids) for ids in encoded), max_new_tokens)
         rows, pad = left_pad(encoded, pad_id=eos, multiple=BUCKET)
         texts = _TextStream(self.tokenizer, len(prompts), eos, stop, on_text)
         key = jax.random.PRNGKey(seed)
@@ -124,6 +125,17 @@ class Generator:
             out.append(_cut(self.tokenizer.decode(ids), stop))
         texts.finish(out)
         return out
+
+    def _check_positions(self, longest: int, max_new: int) -> None:
+        from jaxtrain.models import FAMILIES
+
+        limit = FAMILIES[self.model.family].max_positions(self.model)
+        if limit is not None and longest + max_new > limit:
+            raise UserError(
+                f"--max-new-tokens: a {longest}-token prompt and {max_new} new tokens need "
+                f"{longest + max_new} positions; {self.model.family} has learned positions "
+                f"and model.max_seq_len={limit} (at most {max(limit - longest, 0)} new tokens)"
+            )
 
 
 def _check_family(cfg: ModelConfig, where: str) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain.generate.sampling import SamplingConfig, mark_seen, sample, seen_mask
-from jaxtrain.models.kv_cache import empty_cache
 
 # Where streamed tokens go: the innermost sink set by ``streaming`` (the compiled loop
 # calls one fixed function, so a new sink does not recompile it). Host callbacks are not
@@ -79,7 +78,8 @@ def generate_tokens(
     """New tokens for left-padded ``prompts``.
 
     Args:
-        graphdef, state: the model split by ``nnx.split`` (a decoder with ``decode``).
+        graphdef, state: the model split by ``nnx.split`` (with ``prefill`` and ``step``:
+            :mod:`jaxtrain.models.decoding`).
         prompts: [B, T] int32, row b left-padded by ``pad[b]`` tokens.
         pad: [B] int32.
         key: PRNG key for sampling (unused when greedy).
@@ -94,21 +94,12 @@ def generate_tokens(
         included).
     """
     model = nnx.merge(graphdef, state)
-    cfg = model.cfg
     batch, length = prompts.shape
-    cache = empty_cache(
-        cfg.n_layers,
-        batch,
-        length + max_new,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-        jnp.dtype(cfg.compute_dtype),
-    )
-    logits, cache = model.decode(prompts, cache, 0, pad)
+    logits, decoding = model.prefill(prompts, pad, max_new)
     valid = jnp.arange(length)[None, :] >= pad[:, None]
-    seen = seen_mask(prompts, cfg.vocab_size, valid)
+    seen = seen_mask(prompts, model.cfg.vocab_size, valid)
     key, first = jax.random.split(key)
-    token = sample(logits[:, -1], first, seen, sampling)
+    token = sample(logits, first, seen, sampling)
     out = jnp.full((batch, max_new), pad_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
     count = jnp.zeros((batch,), jnp.int32)
@@ -118,7 +109,7 @@ def generate_tokens(
         return (step < max_new) & ~jnp.all(done)
 
     def step_fn(carry):
-        step, token, cache, seen, out, count, done, key = carry
+        step, token, decoding, seen, out, count, done, key = carry
         emitted = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(emitted)
         if stream:
@@ -127,12 +118,12 @@ def generate_tokens(
         if eos_id is not None:
             done = done | (token == eos_id)
         seen = mark_seen(seen, token)
-        logits, cache = model.decode(token[:, None], cache, length + step, pad)
+        logits, decoding = model.step(token, decoding, step)
         key, draw = jax.random.split(key)
-        token = sample(logits[:, 0], draw, seen, sampling)
-        return step + 1, token, cache, seen, out, count, done, key
+        token = sample(logits, draw, seen, sampling)
+        return step + 1, token, decoding, seen, out, count, done, key
 
-    carry = (0, token, cache, seen, out, count, done, key)
+    carry = (0, token, decoding, seen, out, count, done, key)
     carry = jax.lax.while_loop(running, step_fn, carry)
     return carry[4], carry[5]
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.models.decoding import CachedDecoder
+from jaxtrain.models.kv_cache import CACHE_AXES, Cache, Step, step_positions, step_view
 from jaxtrain.models.layers import (
     Attention,
     GeluMLP,
@@ -26,7 +28,7 @@ from jaxtrain.models.layers import (
     param,
     vocab_head,
 )
-from jaxtrain.models.stack import scan_blocks, stacked
+from jaxtrain.models.stack import scan_blocks, scan_decode, stacked
 
 
 class Block(nnx.Module):
@@ -74,8 +76,15 @@ class Block(nnx.Module):
         x = x + dropout(h, self.dropout, keys[1])
         return self.shard(x, ("batch", "length", "act_embed"))
 
+    def decode(self, x: jax.Array, cache: Cache, step: Step) -> tuple[jax.Array, Cache]:
+        """The block in incremental decoding over its layer's cache (no dropout)."""
+        h, cache = self.attn.decode(self.attn_norm(x), None, None, cache, step)
+        x = self.shard(x + h, ("batch", "length", "act_embed"))
+        x = x + self.mlp(self.mlp_norm(x))
+        return self.shard(x, ("batch", "length", "act_embed")), cache
 
-class GPT2(nnx.Module):
+
+class GPT2(nnx.Module, CachedDecoder):
     """Token + position embedding -> scanned blocks -> final LayerNorm -> LM head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = no_shard):
@@ -105,13 +114,9 @@ class GPT2(nnx.Module):
         """Logits [B, L, V] in float32 for int ``tokens`` [B, L]; arguments as
         :meth:`jaxtrain.models.llama.Llama.__call__` (``positions`` index the table)."""
         cfg = self.cfg
-        cdt = jnp.dtype(cfg.compute_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(
-            self.pos_embed[...], positions, axis=0
-        )  # [B, L, D]
-        x = self.shard(x.astype(cdt), ("batch", "length", "act_embed"))
+        x = self._embed(tokens, positions)
         key, dropout_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = dropout(x, cfg.dropout, key)
         x = scan_blocks(
@@ -122,7 +127,35 @@ class GPT2(nnx.Module):
             remat=cfg.remat,
             dropout_key=dropout_key,
         )
+        return self._head(x, return_hidden)
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Token plus position embeddings [B, L, D] in the compute dtype."""
+        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(
+            self.pos_embed[...], positions, axis=0
+        )
+        x = x.astype(jnp.dtype(self.cfg.compute_dtype))
+        return self.shard(x, ("batch", "length", "act_embed"))
+
+    def _head(self, x: jax.Array, return_hidden: bool = False):
         x = self.final_norm(x)
-        own = None if cfg.tie_embeddings else self.lm_head
-        head = vocab_head(self.embed, own, cdt, self.shard)
+        own = None if self.cfg.tie_embeddings else self.lm_head
+        head = vocab_head(self.embed, own, jnp.dtype(self.cfg.compute_dtype), self.shard)
         return (x, head) if return_hidden else head(x)
+
+    @staticmethod
+    def max_positions(cfg: ModelConfig) -> int:
+        """The learned position table's length: no position past it can be encoded."""
+        return cfg.max_seq_len
+
+    def decode(
+        self, tokens: jax.Array, cache: Cache, slot: jax.Array, pad: jax.Array
+    ) -> tuple[jax.Array, Cache]:
+        """Incremental decoding, as :meth:`jaxtrain.models.llama.Llama.decode`; positions
+        must stay below :meth:`max_positions` (the generator checks)."""
+        length, slots = tokens.shape[1], cache[0].shape[2]
+        x = self._embed(tokens, step_positions(slot, length, pad))
+        step = step_view(slot, length, pad, slots, None)
+        cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
+        x, cache = scan_decode(self.blocks, x, cache, step)
+        return self._head(x), tuple(self.shard(c, CACHE_AXES) for c in cache)

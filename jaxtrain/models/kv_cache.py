@@ -10,16 +10,30 @@ slots are padding, never seen, and slot ``j`` holds the token at position
 ``j - pad[b]`` of that row. A step feeding ``L`` tokens at slots ``slot .. slot+L-1``
 writes their keys and values there and lets each query see the filled, unpadded slots up
 to its own (and, with a sliding window, fewer than ``window`` positions back).
+
+With a sliding window shorter than the sequence, the cache is a rolling buffer of
+``window`` entries (:func:`cache_slots`): slot ``j`` lives in entry ``j % window``, so
+memory stays ``window`` positions however long the generation runs. A step then attends
+over the buffer as it was plus its own new keys (a prompt longer than the window needs
+keys the buffer no longer holds by its end), and writes the newest ``window`` of them.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+LAYER_CACHE_AXES = ("batch", "length", "act_kv_heads", None)
 
 Cache = tuple[jax.Array, jax.Array]  # (keys, values), each [layers, B, S, K, H]
+
+
+def cache_slots(total: int, window: int | None) -> int:
+    """How many slots a cache for ``total`` positions needs: ``total``, or a rolling
+    buffer of ``window`` when the window is shorter."""
+    return min(total, window) if window else total
 
 
 def empty_cache(
@@ -37,18 +51,55 @@ def step_positions(slot: jax.Array, length: int, pad: jax.Array) -> jax.Array:
     return jnp.maximum(slots[None, :] - pad[:, None], 0)
 
 
-def visible(
-    slot: jax.Array, length: int, pad: jax.Array, slots: int, window: int | None
-) -> jax.Array:
-    """[B, L, S] bool: which cache slots each of the ``length`` queries at ``slot`` sees.
+@struct.dataclass
+class Step:
+    """One decode step's view of a layer cache: where its tokens go and what they see.
+
+    Attributes:
+        slot: the slot of the step's first token.
+        sees: [B, L, S'] bool: which keys each query attends to, S' being the cache's
+            slots, or (rolling) the buffer's entries followed by the step's own keys.
+        rolling: the cache is a rolling buffer of ``window`` entries.
+    """
+
+    slot: jax.Array
+    sees: jax.Array
+    rolling: bool = struct.field(pytree_node=False)
+
+    def write(self, cache: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Store ``new`` [B, L, K, H] in a layer's ``cache`` [B, S, K, H]; returns (the
+        keys or values the step attends over, the updated cache)."""
+        new = new.astype(cache.dtype)
+        if not self.rolling:
+            cache = jax.lax.dynamic_update_slice_in_dim(cache, new, self.slot, axis=1)
+            return cache, cache
+        window, length = cache.shape[1], new.shape[1]
+        attended = jnp.concatenate([cache, new], axis=1)
+        if length >= window:  # only the newest `window` survive, each at slot % window
+            newest = new[:, length - window :]
+            return attended, jnp.roll(newest, (self.slot + length - window) % window, axis=1)
+        entries = (self.slot + jnp.arange(length)) % window
+        return attended, cache.at[:, entries].set(new)
+
+
+def step_view(slot: jax.Array, length: int, pad: jax.Array, slots: int, window: int | None) -> Step:
+    """The :class:`Step` of ``length`` tokens fed at ``slot`` into a cache of ``slots``
+    slots (a rolling buffer when that is the window), rows left-padded by ``pad``.
 
     A padding query (a left-padded prompt's first tokens) sees its own slot only, so its
     softmax stays finite; nothing reads its output.
     """
-    query = (slot + jnp.arange(length))[None, :, None]  # [1, L, 1]
-    key = jnp.arange(slots)[None, None, :]  # [1, 1, S]
+    rolling = window is not None and slots == window
+    query = slot + jnp.arange(length)
+    if rolling:  # entry i holds the one slot in [slot - window, slot) that is i mod window
+        held = slot - window + (jnp.arange(window) - slot) % window
+        key = jnp.concatenate([held, query])
+    else:
+        key = jnp.arange(slots)
+    query, key = query[None, :, None], key[None, None, :]  # [1, L, 1], [1, 1, S']
     start = pad[:, None, None]  # [B, 1, 1]
     sees = (key <= query) & (key >= start)
     if window is not None:
         sees &= query - key < window
-    return sees | ((query < start) & (key == query))
+    sees |= (query < start) & (key == query)
+    return Step(slot=jnp.asarray(slot, jnp.int32), sees=sees, rolling=rolling)

@@ -22,6 +22,7 @@ from flax import nnx, struct
 from jaxtrain.config import RopeScalingConfig
 from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl, xla_attention
 from jaxtrain.models.dense import weight_einsum
+from jaxtrain.models.kv_cache import LAYER_CACHE_AXES, Step
 from jaxtrain.sharding import per_shard
 
 Shard = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
@@ -349,27 +350,25 @@ class Attention(nnx.Module):
         sin: jax.Array | None,
         cos: jax.Array | None,
         cache: tuple[jax.Array, jax.Array],
-        slot: jax.Array,
-        sees: jax.Array,
+        step: Step,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Incremental self-attention (:mod:`jaxtrain.models.kv_cache`): the keys and
-        values of x [B, L, D] are written into this layer's cache [B, S, K, H] at
-        ``slot``, and each query attends to the slots ``sees`` [B, L, S] allows.
+        values of x [B, L, D] are written into this layer's cache [B, S, K, H] as
+        ``step`` places them, and each query attends to the keys ``step.sees`` allows.
 
         Returns:
             (output [B, L, D], the updated (keys, values)).
         """
         q, k, v = self._qkv(x, sin, cos)
-        keys, values = (
-            self.shard(
-                jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), slot, axis=1),
-                ("batch", "length", "act_kv_heads", None),
-            )
-            for c, t in zip(cache, (k, v), strict=True)
+        (keys, cached_k), (values, cached_v) = (
+            step.write(c, t) for c, t in zip(cache, (k, v), strict=True)
+        )
+        keys, values, cached_k, cached_v = (
+            self.shard(t, LAYER_CACHE_AXES) for t in (keys, values, cached_k, cached_v)
         )
         q = self.shard(q, ("batch", "length", "act_heads", None))
-        out = xla_attention(q, keys, values, causal=False, mask=sees)
-        return self._out(out), (keys, values)
+        out = xla_attention(q, keys, values, causal=False, mask=step.sees)
+        return self._out(out), (cached_k, cached_v)
 
 
 class MLP(nnx.Module):

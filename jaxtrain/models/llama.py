@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
-from jaxtrain.models.kv_cache import CACHE_AXES, Cache, step_positions, visible
+from jaxtrain.models.decoding import CachedDecoder
+from jaxtrain.models.kv_cache import CACHE_AXES, Cache, Step, step_positions, step_view
 from jaxtrain.models.layers import (
     MLP,
     Attention,
@@ -91,17 +92,16 @@ class Block(nnx.Module):
         cache: Cache,
         sin: jax.Array,
         cos: jax.Array,
-        slot: jax.Array,
-        sees: jax.Array,
+        step: Step,
     ) -> tuple[jax.Array, Cache]:
         """The block in incremental decoding over its layer's cache (no dropout)."""
-        h, cache = self.attn.decode(self.attn_norm(x), sin, cos, cache, slot, sees)
+        h, cache = self.attn.decode(self.attn_norm(x), sin, cos, cache, step)
         x = self.shard(x + h, ("batch", "length", "act_embed"))
         x = x + self.mlp(self.mlp_norm(x))
         return self.shard(x, ("batch", "length", "act_embed")), cache
 
 
-class Llama(nnx.Module):
+class Llama(nnx.Module, CachedDecoder):
     """Token embedding -> scanned blocks -> final RMSNorm -> (tied or own) LM head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, shard: Shard = no_shard):
@@ -176,9 +176,9 @@ class Llama(nnx.Module):
         length, slots = tokens.shape[1], cache[0].shape[2]
         positions = step_positions(slot, length, pad)
         sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        sees = visible(slot, length, pad, slots, cfg.sliding_window or None)
+        step = step_view(slot, length, pad, slots, cfg.sliding_window or None)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.compute_dtype))
         x = self.shard(x, ("batch", "length", "act_embed"))
         cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
-        x, cache = scan_decode(self.blocks, x, cache, sin, cos, slot, sees)
+        x, cache = scan_decode(self.blocks, x, cache, sin, cos, step)
         return self._head(x), tuple(self.shard(c, CACHE_AXES) for c in cache)
