@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string")
+    gen.add_argument(
+        "--num-beams", type=int, default=1, metavar="N", help="> 1: beam search (greedy only)"
+    )
+    gen.add_argument(
+        "--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer text"
+    )
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     launch = sub.add_parser(
@@ -230,6 +236,7 @@ def _read_run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxtrain.generate.api import Generator
+    from jaxtrain.generate.beam import BeamConfig
     from jaxtrain.generate.sampling import SamplingConfig
 
     prompts = list(args.prompt)
@@ -249,6 +256,9 @@ def _generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         greedy=greedy,
     )
+    beams = None
+    if args.num_beams != 1:
+        beams = BeamConfig(num_beams=args.num_beams, length_penalty=args.length_penalty)
     if args.run:
         generator = Generator.from_run(args.run, args.overrides)
     else:
@@ -265,6 +275,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts,
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
+        beams=beams,
         seed=args.seed,
         stop=args.stop,
         on_text=show if one else None,

@@ -9,6 +9,7 @@ from rich.console import Console
 from test_cli import SMALL, jaxtrain
 
 from jaxtrain.generate.api import Generator
+from jaxtrain.generate.beam import BeamConfig
 from jaxtrain.generate.sampling import SamplingConfig
 
 PROMPT = "def main("
@@ -47,6 +48,19 @@ def test_cli_streams_what_the_api_returns(run_dir):
     assert generator([PROMPT], sampling=hot, seed=3) == generator([PROMPT], sampling=hot, seed=3)
 
 
+def test_cli_beam_search_prints_what_the_api_returns(run_dir):
+    args = ["--prompt", PROMPT, "--max-new-tokens", "8", "--num-beams", "3"]
+    proc = jaxtrain("generate", "--run", str(run_dir), *args, "--length-penalty", "0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    generator = Generator.from_run(str(run_dir), console=Console(quiet=True))
+    beams = BeamConfig(num_beams=3, length_penalty=0.5)
+    pieces = []
+    (text,) = generator(
+        [PROMPT], max_new_tokens=8, beams=beams, on_text=lambda _, piece: pieces.append(piece)
+    )
+    assert proc.stdout == PROMPT + text + "\n" and "".join(pieces) == text
+
+
 @pytest.mark.parametrize(
     "args, key",
     [
@@ -55,6 +69,8 @@ def test_cli_streams_what_the_api_returns(run_dir):
         (["--run", "RUN"], "--prompt"),
         (["--run", "RUN", "--prompt", "x", "--temperature", "-1"], "generate.temperature"),
         (["--run", "RUN", "--prompt", "x", "--top-p", "2"], "generate.top_p"),
+        (["--run", "RUN", "--prompt", "x", "--num-beams", "0"], "--num-beams"),
+        (["--run", "RUN", "--prompt", "x", "--num-beams", "2", "--top-k", "5"], "--num-beams"),
         (["--run", "RUN", "--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file"),
         (["--hf", "HF", "--prompt", "x"], "--hf"),
         # GPT-2's 32 learned positions (the fixture's n_positions) cannot hold 40 + 8 tokens

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtrain.config import ModelConfig
 from jaxtrain.data import load_tokenizer
 from jaxtrain.errors import UserError
+from jaxtrain.generate.beam import BeamConfig, beam_search
 from jaxtrain.generate.decode import generate_tokens, left_pad, streaming
 from jaxtrain.generate.sampling import SamplingConfig
 
@@ -82,6 +83,7 @@ class Generator:
         *,
         max_new_tokens: int = 64,
         sampling: SamplingConfig | None = None,
+        beams: BeamConfig | None = None,
         seed: int = 0,
         stop: Sequence[str] = (),
         on_text: Callable[[int, str], None] | None = None,
@@ -92,6 +94,8 @@ class Generator:
             prompts: one or more prompts (a batch; lengths may differ).
             max_new_tokens: the most tokens generated per prompt.
             sampling: how tokens are picked (default: greedy).
+            beams: beam search instead (greedy only; the text arrives at the end, once the
+                best hypothesis is known).
             seed: the sampling seed.
             stop: strings that end a row's text (the text is cut before them; the device
                 runs to EOS or ``max_new_tokens``).
@@ -105,6 +109,11 @@ class Generator:
         if max_new_tokens < 1:
             raise UserError("--max-new-tokens: must be positive")
         sampling = sampling or SamplingConfig(greedy=True)
+        if beams is not None and sampling != SamplingConfig(greedy=True):
+            raise UserError(
+                "--num-beams: beam search ranks hypotheses by likelihood; it takes no "
+                "--temperature, --top-k, --top-p or --repetition-penalty"
+            )
         eos = self.tokenizer.eos_id
         encoded = [self.tokenizer.encode(p).tolist() for p in prompts]
         if any(not ids for ids in encoded):
@@ -112,12 +121,19 @@ class Generator:
         self._check_positions(max(len(ids) for ids in encoded), max_new_tokens)
         rows, pad = left_pad(encoded, pad_id=eos, multiple=BUCKET)
         texts = _TextStream(self.tokenizer, len(prompts), eos, stop, on_text)
-        key = jax.random.PRNGKey(seed)
-        kwargs = dict(max_new=max_new_tokens, sampling=sampling, eos_id=eos, pad_id=eos)
-        with streaming(texts.add):
-            tokens, counts = generate_tokens(
-                self.graphdef, self.params, rows, pad, key, stream=on_text is not None, **kwargs
-            )
+        if beams is not None:
+            tokens, counts, _ = beam_search(
+                self.graphdef, self.params, rows, pad, max_new=max_new_tokens, beams=beams,
+                eos_id=eos, pad_id=eos,
+            )  # fmt: skip
+            tokens, counts = tokens[:, 0], counts[:, 0]
+        else:
+            with streaming(texts.add):
+                tokens, counts = generate_tokens(
+                    self.graphdef, self.params, rows, pad, jax.random.PRNGKey(seed),
+                    max_new=max_new_tokens, sampling=sampling, eos_id=eos, pad_id=eos,
+                    stream=on_text is not None,
+                )  # fmt: skip
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         out = []
         for row, count in zip(tokens, counts, strict=True):

@@ -1,0 +1,80 @@
+"""Beam search equals transformers' ``generate(num_beams=4)``: the best hypothesis of
+each left-padded prompt, token for token, with and without hypotheses ending early at EOS,
+and with a length penalty that changes which of them wins."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain.generate.beam import BeamConfig, beam_search
+from jaxtrain.generate.decode import left_pad
+from jaxtrain.models import from_pretrained
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
+NEW = 8
+
+
+def prompts(directory):
+    ids = np.load(directory / "input_ids.npy")
+    return left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+
+
+def transformers_beams(directory, rows, pad, beams, eos):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(rows, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            num_beams=beams.num_beams,
+            length_penalty=beams.length_penalty,
+            early_stopping=beams.early_stopping,
+            max_new_tokens=NEW,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[:, rows.shape[1] :].numpy()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    directory = FIXTURES / "llama"
+    _, model = from_pretrained(directory)
+    return directory, *nnx.split(model)
+
+
+def run(llama, beams, eos):
+    directory, graphdef, state = llama
+    rows, pad = prompts(directory)
+    tokens, lengths, _ = beam_search(
+        graphdef, state, rows, pad, max_new=NEW, beams=beams, eos_id=eos, pad_id=0
+    )
+    want = transformers_beams(directory, rows, pad, beams, eos)
+    best, length = np.asarray(tokens)[:, 0], np.asarray(lengths)[:, 0]
+    # transformers crops to the longest best hypothesis and fills the rest (with the EOS:
+    # its fill is `pad_token_id or eos`); ours are filled with pad_id.
+    assert want.shape[1] == length.max()
+    for row, expected, n in zip(best, want, length, strict=True):
+        np.testing.assert_array_equal(row[:n], expected[:n])
+        assert (row[n:] == 0).all()
+    return best, np.asarray(lengths)
+
+
+@pytest.mark.parametrize(
+    "beams",
+    [BeamConfig(num_beams=4), BeamConfig(num_beams=4, length_penalty=-2.0, early_stopping=True)],
+    ids=["default", "short"],
+)
+def test_beam_search_equals_transformers(llama, beams):
+    best, lengths = run(llama, beams, eos=None)
+    assert (lengths == NEW).all()
+    # An EOS the beams meet: the first row's third token. Hypotheses now end early; with
+    # a negative length penalty the first row's best one is such a short one.
+    eos = int(best[0, 2])
+    _, lengths = run(llama, beams, eos=eos)
+    assert (lengths[0, 0] < NEW) == (beams.length_penalty < 0)
