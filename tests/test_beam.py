@@ -1,7 +1,9 @@
-"""Beam search equals transformers' ``generate(num_beams=4)``: the best hypothesis of
-each left-padded prompt, token for token, with and without hypotheses ending early at EOS,
-and with a length penalty that changes which of them wins."""
+"""Beam search equals transformers' ``generate(num_beams=4)`` on a decoder (llama) and
+an encoder-decoder (T5): the best hypothesis of each left-padded prompt, token for
+token, with and without hypotheses ending early at EOS, and with a length penalty that
+changes which of them wins."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,9 @@ def prompts(directory):
 def transformers_beams(directory, rows, pad, beams, eos):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    seq2seq = directory.name == "t5"
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(directory, dtype=torch.float32)
     mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
     with torch.no_grad():
         out = hf.generate(
@@ -38,18 +42,18 @@ def transformers_beams(directory, rows, pad, beams, eos):
             eos_token_id=eos,
             pad_token_id=0,
         )
-    return out[:, rows.shape[1] :].numpy()
+    return out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
 
 
-@pytest.fixture(scope="module")
-def llama():
-    directory = FIXTURES / "llama"
+@functools.cache
+def split(name):
+    directory = FIXTURES / name
     _, model = from_pretrained(directory)
     return directory, *nnx.split(model)
 
 
-def run(llama, beams, eos):
-    directory, graphdef, state = llama
+def run(name, beams, eos):
+    directory, graphdef, state = split(name)
     rows, pad = prompts(directory)
     tokens, lengths, _ = beam_search(
         graphdef, state, rows, pad, max_new=NEW, beams=beams, eos_id=eos, pad_id=0
@@ -65,16 +69,20 @@ def run(llama, beams, eos):
     return best, np.asarray(lengths)
 
 
+DEFAULT = BeamConfig(num_beams=4)
+SHORT = BeamConfig(num_beams=4, length_penalty=-2.0, early_stopping=True)
+
+
 @pytest.mark.parametrize(
-    "beams",
-    [BeamConfig(num_beams=4), BeamConfig(num_beams=4, length_penalty=-2.0, early_stopping=True)],
-    ids=["default", "short"],
+    "name, beams",
+    [("llama", DEFAULT), ("llama", SHORT), ("t5", DEFAULT)],
+    ids=["llama", "llama-short", "t5"],
 )
-def test_beam_search_equals_transformers(llama, beams):
-    best, lengths = run(llama, beams, eos=None)
+def test_beam_search_equals_transformers(name, beams):
+    best, lengths = run(name, beams, eos=None)
     assert (lengths == NEW).all()
     # An EOS the beams meet: the first row's third token. Hypotheses now end early; with
     # a negative length penalty the first row's best one is such a short one.
     eos = int(best[0, 2])
-    _, lengths = run(llama, beams, eos=eos)
+    _, lengths = run(name, beams, eos=eos)
     assert (lengths[0, 0] < NEW) == (beams.length_penalty < 0)

@@ -1,5 +1,6 @@
-"""Generation equals transformers: greedy decoding of every decoder family's HF fixture
-gives transformers' ``generate(do_sample=False)`` tokens, left-padded batches included."""
+"""Generation equals transformers: greedy decoding of every decoder family's HF fixture,
+and T5's, gives transformers' ``generate(do_sample=False)`` tokens, left-padded batches
+included."""
 
 from pathlib import Path
 
@@ -17,7 +18,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NEW = 10
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "t5"])
 def test_greedy_equals_transformers(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -27,7 +28,9 @@ def test_greedy_equals_transformers(name):
     rows, pad = left_pad(prompts, pad_id=0)
     eos = read_config(directory).get("eos_token_id")
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    seq2seq = name == "t5"  # the prompt is the encoder's; the output opens with the start token
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(directory, dtype=torch.float32)
     mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
     with torch.no_grad():
         out = hf.generate(
@@ -37,7 +40,7 @@ def test_greedy_equals_transformers(name):
             max_new_tokens=NEW,
             pad_token_id=0,
         )
-    want = out[:, rows.shape[1] :].numpy()
+    want = out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
 
     _, model = from_pretrained(directory)
     graphdef, state = nnx.split(model)

@@ -27,7 +27,7 @@ from jaxtrain.generate.decode import generate_tokens, left_pad, streaming
 from jaxtrain.generate.sampling import SamplingConfig
 
 BUCKET = 16  # prompt lengths are padded to a multiple of this
-DECODERS = ("llama", "gpt2")  # families with a KV-cache decode (+ Mistral, Qwen2/3)
+DECODERS = ("llama", "gpt2", "t5")  # families with a KV-cache decode (+ Mistral, Qwen2/3)
 
 
 @dataclasses.dataclass(frozen=True)

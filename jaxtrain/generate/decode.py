@@ -94,10 +94,10 @@ def generate_tokens(
         included).
     """
     model = nnx.merge(graphdef, state)
-    batch, length = prompts.shape
+    batch = prompts.shape[0]
     logits, decoding = model.prefill(prompts, pad, max_new)
-    valid = jnp.arange(length)[None, :] >= pad[:, None]
-    seen = seen_mask(prompts, model.cfg.vocab_size, valid)
+    seen_tokens, valid = model.penalized(prompts, pad)
+    seen = seen_mask(seen_tokens, model.cfg.vocab_size, valid)
     key, first = jax.random.split(key)
     token = sample(logits, first, seen, sampling)
     out = jnp.full((batch, max_new), pad_id, jnp.int32)

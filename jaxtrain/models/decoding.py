@@ -7,7 +7,10 @@ drive every family through two methods:
   ``pad[b]``) read once; returns the logits [B, V] that pick each row's first new token
   and a :class:`DecodeState` with room for ``max_new`` more;
 - ``step(tokens, state, index)``: the ``index``-th new token of each row [B] fed;
-  returns the logits [B, V] of the next one and the updated state.
+  returns the logits [B, V] of the next one and the updated state;
+- ``penalized(prompts, pad)``: the tokens a repetition penalty counts as already seen
+  (a decoder's prompt; an encoder-decoder's decoder start token), with a validity mask;
+- ``max_positions(cfg)`` (static): the longest sequence it can encode, or None.
 
 :class:`CachedDecoder` implements both for the decoder-only families on top of their
 ``decode(tokens, cache, slot, pad)`` over a KV cache (:mod:`jaxtrain.models.kv_cache`).
@@ -61,6 +64,11 @@ class CachedDecoder:
         RoPE)."""
         del cfg
         return None
+
+    def penalized(self, prompts: jax.Array, pad: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """([B, T] tokens, [B, T] bool valid): what a repetition penalty counts as seen
+        before the first new token (the prompt)."""
+        return prompts, jnp.arange(prompts.shape[1])[None, :] >= pad[:, None]
 
     def prefill(
         self, prompts: jax.Array, pad: jax.Array, max_new: int

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.kernels import xla_attention
 from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.layers import Shard, attend, param
 
@@ -104,16 +105,9 @@ class MultiHeadAttention(nnx.Module):
             segment_ids: [B, L] document ids of packed rows: attention stays within one
                 (unbiased self-attention only).
         """
-        dt = self.compute_dtype
         source = x if context is None else context
-        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], dt)
-        k = weight_einsum("BSD,DKH->BSKH", source, self.wk[...], dt)
-        v = weight_einsum("BSD,DKH->BSKH", source, self.wv[...], dt)
-        if self.bias:
-            q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
-        q = self.shard(q, ("batch", "length", "act_heads", None))
-        k = self.shard(k, ("batch", "length", "act_kv_heads", None))
-        v = self.shard(v, ("batch", "length", "act_kv_heads", None))
+        q = self._q(x)
+        k, v = self.project_kv(source)
         assert context is None or segment_ids is None, "segment ids need self-attention"
         out = attend(
             q,
@@ -126,5 +120,41 @@ class MultiHeadAttention(nnx.Module):
             scale=self.scale,
             bias=position_bias,
         )
+        return self._out(out)
+
+    def _q(self, x: jax.Array) -> jax.Array:
+        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], self.compute_dtype)
+        if self.bias:
+            q = q + self.bq[...].astype(self.compute_dtype)
+        return self.shard(q, ("batch", "length", "act_heads", None))
+
+    def project_kv(self, source: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The keys and values [B, S, K, H] of ``source`` [B, S, D]."""
+        dt = self.compute_dtype
+        k = weight_einsum("BSD,DKH->BSKH", source, self.wk[...], dt)
+        v = weight_einsum("BSD,DKH->BSKH", source, self.wv[...], dt)
+        if self.bias:
+            k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        axes = ("batch", "length", "act_kv_heads", None)
+        return self.shard(k, axes), self.shard(v, axes)
+
+    def _out(self, out: jax.Array) -> jax.Array:
+        dt = self.compute_dtype
         out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt)
         return out + self.bo[...].astype(dt) if self.bias else out
+
+    def attend_to(
+        self,
+        x: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        bias: jax.Array | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """``x`` [B, L, D] attends to given keys and values [B, S, K, H] (a decode step's
+        cache, or the encoder's, projected once), bidirectionally: ``bias``
+        [1 or B, N, L, S] added to the scores, ``mask`` [B, L, S] True where a query sees
+        a key. Always the plain-JAX reference (it alone takes a mask)."""
+        out = xla_attention(self._q(x), k, v, causal=False, scale=self.scale, bias=bias, mask=mask)
+        return self._out(out)

@@ -61,12 +61,10 @@ def scan_blocks(
     return x
 
 
-def scan_decode(
-    blocks: nnx.Module, x: jax.Array, cache: tuple[jax.Array, jax.Array], *args: Any
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def scan_decode(blocks: nnx.Module, x: jax.Array, cache: Any, *args: Any) -> tuple[jax.Array, Any]:
     """``x`` [B, L, D] through the ``n`` stacked blocks in incremental decoding, each
-    called as ``block.decode(x, layer_cache, *args)`` with its slice of ``cache``
-    ([layers, B, S, K, H] keys and values); returns x and the updated cache."""
+    called as ``block.decode(x, layer_cache, *args)`` with its slice of ``cache`` (arrays
+    [layers, B, ...]: keys and values); returns x and the updated cache."""
     graphdef, layers = nnx.split(blocks)
 
     def body(x, layer):

@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.models.decoding import DecodeState
+from jaxtrain.models.kv_cache import CACHE_AXES, Step, empty_cache, step_view
 from jaxtrain.models.layers import (
     MLP,
     RMSNorm,
@@ -37,7 +39,7 @@ from jaxtrain.models.layers import (
     vocab_head,
 )
 from jaxtrain.models.mha import MultiHeadAttention
-from jaxtrain.models.stack import scan_blocks, stacked
+from jaxtrain.models.stack import scan_blocks, scan_decode, stacked
 
 
 def relative_buckets(
@@ -163,6 +165,32 @@ class DecoderBlock(nnx.Module):
         h = self.mlp(self.mlp_norm(x))
         return self.shard(x + dropout(h, self.dropout, keys[2]), act)
 
+    def decode(
+        self,
+        x: jax.Array,
+        cache: tuple[jax.Array, ...],
+        step: Step,
+        bias: jax.Array,
+        cross: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """The block in incremental decoding: ``cache`` holds this layer's self-attention
+        keys and values [B, S, N, H] and the encoder's [B, L, N, H]; ``bias`` [1, N, M, S]
+        is the step's position bias, ``cross`` [B, N, M, L] hides the prompts' padding."""
+        keys, values, enc_keys, enc_values = cache
+        act = ("batch", "length", "act_embed")
+        h = self.self_attn_norm(x)
+        (keys, cached_k), (values, cached_v) = (
+            step.write(c, t)
+            for c, t in zip((keys, values), self.self_attn.project_kv(h), strict=True)
+        )
+        x = self.shard(
+            x + self.self_attn.attend_to(h, keys, values, bias=bias, mask=step.sees), act
+        )
+        h = self.cross_attn_norm(x)
+        x = self.shard(x + self.cross_attn.attend_to(h, enc_keys, enc_values, bias=cross), act)
+        x = self.shard(x + self.mlp(self.mlp_norm(x)), act)
+        return x, (cached_k, cached_v, enc_keys, enc_values)
+
 
 class T5(nnx.Module):
     """Shared embedding -> encoder stack -> decoder stack (attending to it) -> LM head."""
@@ -203,19 +231,9 @@ class T5(nnx.Module):
         if positions is not None or segment_ids is not None:
             raise ValueError("t5 takes neither positions nor segment_ids (rows are not packed)")
         cfg = self.cfg
-        cdt = jnp.dtype(cfg.compute_dtype)
-        act = ("batch", "length", "act_embed")
         keys = [None] * 6 if dropout_key is None else list(jax.random.split(dropout_key, 6))
-        embed = self.embed[...]
-
-        x = self.shard(jnp.take(embed, tokens, axis=0).astype(cdt), act)  # [B, L, D]
-        x = dropout(x, cfg.dropout, keys[0])
-        length = tokens.shape[1]
-        bias = position_bias(self.encoder_bias[...], length, length, bidirectional=True, cfg=cfg)
-        x = scan_blocks(self.encoder, x, bias, n=cfg.n_layers, remat=cfg.remat, dropout_key=keys[1])
-        encoded = dropout(self.encoder_norm(x), cfg.dropout, keys[2])
-
-        y = self.shard(jnp.take(embed, decoder_inputs, axis=0).astype(cdt), act)  # [B, M, D]
+        encoded = self.encode(tokens, dropout_keys=keys[:3])
+        y = self._embed(decoder_inputs)  # [B, M, D]
         y = dropout(y, cfg.dropout, keys[3])
         length = decoder_inputs.shape[1]
         bias = position_bias(self.decoder_bias[...], length, length, bidirectional=False, cfg=cfg)
@@ -223,7 +241,97 @@ class T5(nnx.Module):
             self.decoder, y, encoded, bias, n=cfg.n_layers, remat=cfg.remat, dropout_key=keys[4]
         )
         y = dropout(self.decoder_norm(y), cfg.dropout, keys[5])
-        own = None if cfg.tie_embeddings else self.lm_head
+        return self._head(y, return_hidden)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.compute_dtype))
+        return self.shard(x, ("batch", "length", "act_embed"))
+
+    def _head(self, y: jax.Array, return_hidden: bool = False):
+        own = None if self.cfg.tie_embeddings else self.lm_head
         # The tied head scales its input by D^-0.5, as the original T5 does.
-        head = vocab_head(self.embed, own, cdt, self.shard, tied_scale=cfg.d_model**-0.5)
+        dtype, scale = jnp.dtype(self.cfg.compute_dtype), self.cfg.d_model**-0.5
+        head = vocab_head(self.embed, own, dtype, self.shard, tied_scale=scale)
         return (y, head) if return_hidden else head(y)
+
+    def encode(
+        self,
+        tokens: jax.Array,
+        pad: jax.Array | None = None,
+        dropout_keys: list[jax.Array | None] | None = None,
+    ) -> jax.Array:
+        """The encoder's output [B, L, D] for ``tokens`` [B, L], each row's first ``pad[b]``
+        tokens padding that no position attends to (the relative positions make left
+        padding as good as right)."""
+        cfg = self.cfg
+        keys = dropout_keys or [None] * 3
+        x = dropout(self._embed(tokens), cfg.dropout, keys[0])
+        length = tokens.shape[1]
+        bias = position_bias(self.encoder_bias[...], length, length, bidirectional=True, cfg=cfg)
+        if pad is not None:
+            bias = bias + padding_bias(pad, length)
+        x = scan_blocks(self.encoder, x, bias, n=cfg.n_layers, remat=cfg.remat, dropout_key=keys[1])
+        return dropout(self.encoder_norm(x), cfg.dropout, keys[2])
+
+    @staticmethod
+    def max_positions(cfg: ModelConfig) -> None:
+        """Relative positions: no limit."""
+        del cfg
+
+    def penalized(self, prompts: jax.Array, pad: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The tokens a repetition penalty counts as seen before the first new one: the
+        decoder's start token (the prompt is the encoder's, as in transformers)."""
+        del pad
+        start = jnp.full((prompts.shape[0], 1), self.cfg.decoder_start_id, jnp.int32)
+        return start, jnp.ones(start.shape, bool)
+
+    def prefill(
+        self, prompts: jax.Array, pad: jax.Array, max_new: int
+    ) -> tuple[jax.Array, DecodeState]:
+        """Encode the prompts once, project every decoder layer's cross-attention keys and
+        values from them, and feed the decoder its start token (slot 0 of ``max_new``)."""
+        cfg = self.cfg
+        batch = prompts.shape[0]
+        encoded = self.encode(prompts, pad)
+        graphdef, layers = nnx.split(self.decoder)
+
+        def project(_, layer):
+            return None, nnx.merge(graphdef, layer).cross_attn.project_kv(encoded)
+
+        _, (enc_keys, enc_values) = jax.lax.scan(project, None, layers)
+        dtype = jnp.dtype(cfg.compute_dtype)
+        keys, values = empty_cache(
+            cfg.n_layers, batch, max_new, cfg.n_kv_heads, cfg.head_dim, dtype
+        )
+        state = DecodeState(layers=(keys, values, enc_keys, enc_values), rows=pad, start=1)
+        start = jnp.full((batch,), cfg.decoder_start_id, jnp.int32)
+        logits, state = self._decode(start, state, 0)
+        return logits, state
+
+    def step(
+        self, tokens: jax.Array, state: DecodeState, index: jax.Array
+    ) -> tuple[jax.Array, DecodeState]:
+        return self._decode(tokens, state, state.start + index)
+
+    def _decode(
+        self, tokens: jax.Array, state: DecodeState, slot: jax.Array
+    ) -> tuple[jax.Array, DecodeState]:
+        """Logits [B, V] after feeding the decoder ``tokens`` [B] at ``slot``."""
+        cfg = self.cfg
+        pad = state.rows
+        slots, length = state.layers[0].shape[2], state.layers[2].shape[2]
+        step = step_view(slot, 1, jnp.zeros_like(pad), slots, None)
+        table = position_bias(self.decoder_bias[...], slots, slots, bidirectional=False, cfg=cfg)
+        bias = jax.lax.dynamic_slice_in_dim(table, slot, 1, axis=2)  # [1, N, 1, S]
+        cross = jnp.broadcast_to(padding_bias(pad, length), (len(pad), cfg.n_heads, 1, length))
+        cache = tuple(self.shard(c, CACHE_AXES) for c in state.layers)
+        y, cache = scan_decode(self.decoder, self._embed(tokens[:, None]), cache, step, bias, cross)
+        cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
+        return self._head(self.decoder_norm(y))[:, 0], state.replace(layers=cache)
+
+
+def padding_bias(pad: jax.Array, length: int) -> jax.Array:
+    """[B, 1, 1, L] float32: 0 for each row's keys, the float32 minimum for its first
+    ``pad[b]`` (left padding), as transformers masks them."""
+    hidden = jnp.arange(length)[None, :] < pad[:, None]
+    return jnp.where(hidden, jnp.finfo(jnp.float32).min, 0.0)[:, None, None, :]
