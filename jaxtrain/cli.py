@@ -1,5 +1,5 @@
-"""The ``jaxtrain`` command: ``train``, ``plan``, ``prepare``, ``eval``, ``export`` and
-``launch``.
+"""The ``jaxtrain`` command: ``train``, ``plan``, ``prepare``, ``eval``, ``export``,
+``generate`` and ``launch``.
 
 A mistake the user can fix (bad config, missing data, unknown model) ends with one line
 on stderr and exit status 2; only bugs show a traceback.
@@ -14,6 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxtrain.errors import UserError, one_line
+
+if typing.TYPE_CHECKING:
+    from rich.console import Console
+
+    from jaxtrain.config import Config
+    from jaxtrain.train.loop import RunResult
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, help="multi-process: how many processes")
     train.add_argument("--process-id", type=int, help="multi-process: this process's rank")
     train.add_argument("--dry-run", action="store_true", help="print the sharding plan and exit")
+    train.add_argument(
+        "--no-sample", action="store_true", help="no sample from the trained model at the end"
+    )
     plan = sub.add_parser(
         "plan",
         help="compile a config's train step and print its memory and traffic per device",
@@ -216,7 +225,34 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     out.print(f"  tensorboard: {result.tensorboard_dir}", highlight=False, markup=False)
     out.print(f"  parameters:  {result.params_dir}", highlight=False, markup=False)
     out.print(f"  checkpoints: {result.checkpoint_dir}", highlight=False, markup=False)
+    if not args.no_sample:
+        _sample(cfg, result, out)
     return 0
+
+
+def _sample(cfg: Config, result: RunResult, out: Console) -> None:
+    """Print ``sample.max_new_tokens`` tokens of the trained model continuing
+    ``sample.prompt`` (every process generates: the parameters are sharded over all)."""
+    from jaxtrain.generate.api import DECODERS, Generator
+    from jaxtrain.generate.sampling import SamplingConfig
+
+    sample = cfg.sample
+    if sample.max_new_tokens == 0:
+        return
+    if cfg.model.family not in DECODERS or cfg.train.objective != "causal_lm":
+        out.print(f"(no sample: {cfg.model.family} with {cfg.train.objective} does not generate)")
+        return
+    generator = Generator.from_program(cfg, result.program, result.params)
+    greedy = sample.temperature == 0
+    sampling = SamplingConfig(temperature=sample.temperature or 1.0, greedy=greedy)
+    (text,) = generator(
+        [sample.prompt], max_new_tokens=sample.max_new_tokens, sampling=sampling,
+        seed=cfg.train.seed,
+    )  # fmt: skip
+    how = "greedy" if greedy else f"temperature {sample.temperature}"
+    out.print(f"sample ({sample.max_new_tokens} tokens, {how}):", style="bold")
+    if not out.quiet:  # as generated: rich would drop control characters
+        print(sample.prompt + text, flush=True)
 
 
 def _read_run(args: argparse.Namespace) -> int:

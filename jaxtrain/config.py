@@ -439,6 +439,27 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """The short sample ``jaxtrain train`` prints from the model it trained (decoder
+    families trained with ``causal_lm``): ``prompt`` continued for ``max_new_tokens``
+    tokens (0: no sample; ``--no-sample`` too), greedily at ``temperature`` 0, else
+    sampled with the run's seed. An empty prompt starts a new document (the tokenizer's
+    end-of-document token)."""
+
+    prompt: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0 (0: no sample)")
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "sample.temperature",
+            "must be >= 0 (0: greedy)",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class TargetConfig:
     """The hardware a config is written for, read by ``jaxtrain plan``: the device kind
     (free text, e.g. "H100 80GB" or "TPU v5e"), how many, and the memory of each in GiB.
@@ -464,6 +485,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
+    sample: SampleConfig = SampleConfig()
     target: TargetConfig = TargetConfig()
 
     def __post_init__(self) -> None:

@@ -24,6 +24,8 @@ SMALL = [
     "data.seq_len=32",
     "--set",
     "train.global_batch=8",
+    "--set",
+    "sample.max_new_tokens=0",  # no sample after training (tested in test_generate_cli)
 ]
 
 
@@ -48,8 +50,12 @@ def test_train_end_to_end(tmp_path):
         "train.eval_every=3",
         "--set",
         f"run.dir={run_dir}",
+        "--set",
+        "sample.max_new_tokens=8",
+        "--no-sample",
     )
     assert proc.returncode == 0, proc.stderr
+    assert "sample (" not in proc.stdout
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time_s"):
@@ -130,6 +136,7 @@ def test_default_run_learns(tmp_path):
     assert len(evals) == 3 and evals[-1] < evals[0] - 0.3 and evals[-1] < 2.5, evals
     for name in ("metrics.jsonl", "tensorboard", "params"):
         assert str(run_dir / name) in proc.stdout, name
+    assert "sample (64 tokens, greedy):" in proc.stdout  # and the model's text after it
 
 
 BAD_INPUTS = {

@@ -20,8 +20,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("gen") / "run"
     sets = ["train.steps=3", "train.eval_every=0", f"run.dir={run}"]
+    sets += [f"sample.prompt={PROMPT}", "sample.max_new_tokens=12"]  # the sample after training
     proc = jaxtrain("train", *SMALL, *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    (run.parent / "train.out").write_text(proc.stdout)
     return run
 
 
@@ -35,6 +37,9 @@ def test_cli_streams_what_the_api_returns(run_dir):
     )
     assert proc.stdout == PROMPT + text + "\n"
     assert "".join(p for _, p in pieces) == text and {r for r, _ in pieces} <= {0}
+    # `jaxtrain train` ended by printing the same sample from the parameters it trained.
+    printed = (run_dir.parent / "train.out").read_text()
+    assert f"sample (12 tokens, greedy):\n{PROMPT}{text}\n" in printed
     # A batch of prompts of different lengths: each row as if generated alone (greedy).
     texts = generator([PROMPT, "x", PROMPT], max_new_tokens=12)
     assert texts[0] == texts[2] == text

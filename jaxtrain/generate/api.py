@@ -13,18 +13,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxtrain.config import ModelConfig
+from jaxtrain.config import Config, ModelConfig
 from jaxtrain.data import load_tokenizer
 from jaxtrain.errors import UserError
 from jaxtrain.generate.beam import BeamConfig, beam_search
 from jaxtrain.generate.decode import generate_tokens, left_pad, streaming
 from jaxtrain.generate.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from jaxtrain.train.program import Program
 
 BUCKET = 16  # prompt lengths are padded to a multiple of this
 DECODERS = ("llama", "gpt2", "t5")  # families with a KV-cache decode (+ Mistral, Qwen2/3)
@@ -50,15 +53,22 @@ class Generator:
         from rich.console import Console
 
         from jaxtrain.train.runs import load_run
-        from jaxtrain.train.state import model_spec
 
         cfg, program, state, _ = load_run(run, overrides, console or Console(stderr=True))
         _check_family(cfg.model, "--run")
+        return cls.from_program(cfg, program, state.params)
+
+    @classmethod
+    def from_program(cls, cfg: Config, program: Program, params: Any) -> Generator:
+        """The model a training program trains, with ``params`` as it holds them (the
+        sample at the end of ``jaxtrain train``), and the run's tokenizer."""
+        from jaxtrain.train.state import model_spec
+
         tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
         # The parameters stay as the run shards them; a batch of prompts is too small to
         # split over the batch axes, so the model is traced with its rows whole.
         spec = model_spec(cfg, program.mesh, program.rules.within_batch_shard())
-        return cls(cfg.model, spec.graphdef, state.params, tokenizer)
+        return cls(cfg.model, spec.graphdef, params, tokenizer)
 
     @classmethod
     def from_hf(cls, path: str) -> Generator:
@@ -91,7 +101,8 @@ class Generator:
         """The text each prompt continues with.
 
         Args:
-            prompts: one or more prompts (a batch; lengths may differ).
+            prompts: one or more prompts (a batch; lengths may differ; an empty one starts
+                a new document).
             max_new_tokens: the most tokens generated per prompt.
             sampling: how tokens are picked (default: greedy).
             beams: beam search instead (greedy only; the text arrives at the end, once the
@@ -115,9 +126,8 @@ class Generator:
                 "--temperature, --top-k, --top-p or --repetition-penalty"
             )
         eos = self.tokenizer.eos_id
-        encoded = [self.tokenizer.encode(p).tolist() for p in prompts]
-        if any(not ids for ids in encoded):
-            raise UserError("--prompt: a prompt is empty")
+        # An empty prompt starts a new document: the end-of-document token.
+        encoded = [self.tokenizer.encode(p).tolist() or [eos] for p in prompts]
         self._check_positions(max(len(ids) for ids in encoded), max_new_tokens)
         rows, pad = left_pad(encoded, pad_id=eos, multiple=BUCKET)
         texts = _TextStream(self.tokenizer, len(prompts), eos, stop, on_text)

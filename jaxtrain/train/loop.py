@@ -64,6 +64,8 @@ class RunResult:
     start_step: int
     end_step: int
     stopped_by_signal: str | None = None
+    program: Program | None = None  # what trained it, and the trained parameters as
+    params: Any = None  # they lie on the devices (for a sample; None when stopped)
 
 
 def evaluate(program: Program, params: Any, loader: Loader, batches: int) -> float:
@@ -325,6 +327,8 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         start,
         done,
         signals.received,
+        program,
+        None if signals.received else state.params,
     )
 
 
