@@ -97,13 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate",
         help="continue prompts with a run's model or a Hugging Face model",
-        description="Generate text from a run's newest checkpoint (--run) or a Hugging Face "
-        "model directory with its tokenizer.json (--hf). One prompt streams to the terminal "
-        "as it is produced; several are generated as one batch.",
+        description="Generate text from a run's newest checkpoint (--run), a Hugging Face "
+        "model directory with its tokenizer.json (--hf) or an int8 model written by jaxtrain "
+        "quantize (--quantized). One prompt streams to the terminal as it is produced; "
+        "several are generated as one batch.",
     )
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="DIR", help="a run directory")
     source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+    source.add_argument("--quantized", metavar="DIR", help="a directory from jaxtrain quantize")
     gen.add_argument("--prompt", action="append", default=[], metavar="TEXT")
     gen.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file: one prompt per line")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
@@ -122,6 +124,35 @@ def _parser() -> argparse.ArgumentParser:
         "--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer text"
     )
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    quant = sub.add_parser(
+        "quantize",
+        help="write a run's or a Hugging Face model's matmul weights as int8 for generate",
+        description="Post-training int8 weight-only quantization: every matmul weight "
+        "(attention, MLP, an untied LM head) is stored as int8 with a float32 scale per output "
+        "channel, or per group of --group-size inputs (symmetric); embeddings, norms and "
+        "biases stay float. Generate from it with jaxtrain generate --quantized DIR2.",
+    )
+    quant_source = quant.add_mutually_exclusive_group(required=True)
+    quant_source.add_argument("--run", metavar="DIR", help="a run directory (newest checkpoint)")
+    quant_source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+    quant.add_argument("--out", required=True, metavar="DIR2", help="a new or empty directory")
+    quant.add_argument(
+        "--group-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="inputs per scale, dividing every weight's input size (default: one scale per "
+        "output channel)",
+    )
+    quant.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --run: override a key of the run's config (e.g. mesh.fsdp=1)",
+    )
 
     launch = sub.add_parser(
         "launch",
@@ -295,7 +326,10 @@ def _generate(args: argparse.Namespace) -> int:
     beams = None
     if args.num_beams != 1:
         beams = BeamConfig(num_beams=args.num_beams, length_penalty=args.length_penalty)
-    if args.run:
+    _refuse_quantized(args)
+    if args.quantized:
+        generator = Generator.from_quantized(args.quantized)
+    elif args.run:
         generator = Generator.from_run(args.run, args.overrides)
     else:
         generator = Generator.from_hf(args.hf)
@@ -321,6 +355,36 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
             print(f"[{i}] {prompt}{text}")
+    return 0
+
+
+def _refuse_quantized(args: argparse.Namespace) -> None:
+    """A directory from ``jaxtrain quantize`` is neither a run nor an HF model: say which
+    flag reads it."""
+    from jaxtrain.generate.quantize import is_quantized
+
+    for flag, path in (("--run", args.run), ("--hf", args.hf)):
+        if path and is_quantized(path):
+            raise UserError(f"{flag}: {path} holds an int8 model; use --quantized {path}")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from jaxtrain.generate.quantize import quantize_command
+
+    if args.hf and args.overrides:
+        raise UserError("--set: applies to --run only")
+    print(
+        quantize_command(
+            args.out,
+            run=args.run,
+            hf=args.hf,
+            group_size=args.group_size,
+            overrides=args.overrides,
+            console=Console(stderr=True, soft_wrap=True),
+        )
+    )
     return 0
 
 
@@ -359,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _read_run(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "quantize":
+            return _quantize(args)
         return _train(args, argv)
     except UserError as err:
         # one_line: a backstop for a message that quotes more input than it should.

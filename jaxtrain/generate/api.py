@@ -1,9 +1,10 @@
 """Text in, text out: a trained run or a Hugging Face model generating from prompts.
 
-``Generator.from_run(DIR)`` or ``Generator.from_hf(DIR)`` loads the model and its
-tokenizer; ``generator(prompts, ...)`` encodes the prompts, left-pads them into a
-shape bucket (prompt length rounded up to ``BUCKET``, so nearby lengths share one
-compile), runs :func:`jaxtrain.generate.decode.generate_tokens` and decodes the new
+``Generator.from_run(DIR)``, ``Generator.from_hf(DIR)`` or
+``Generator.from_quantized(DIR)`` (int8 weights, :mod:`jaxtrain.generate.quantize`) loads
+the model and its tokenizer; ``generator(prompts, ...)`` encodes the prompts, left-pads
+them into a shape bucket (prompt length rounded up to ``BUCKET``, so nearby lengths share
+one compile), runs :func:`jaxtrain.generate.decode.generate_tokens` and decodes the new
 tokens, cut at the first stop string. ``on_text`` receives each step's new text per row
 as the device produces it (``jaxtrain generate`` streams it to the terminal).
 """
@@ -86,6 +87,26 @@ class Generator:
         _check_family(cfg, "--hf")
         graphdef, params = nnx.split(model)
         return cls(cfg, graphdef, params, load_tokenizer(str(path)))
+
+    @classmethod
+    def from_quantized(cls, path: str) -> Generator:
+        """A directory written by ``jaxtrain quantize``: its int8 weights stay int8 on the
+        device and are dequantized inside each matmul.
+
+        Raises:
+            UserError: if ``path`` is not such a directory, does not match its model, or
+                has no tokenizer.
+        """
+        from jaxtrain.generate.quantize import load_quantized
+
+        quantized, graphdef = load_quantized(path)
+        _check_family(quantized.model, "--quantized")
+        if quantized.tokenizer is None:
+            raise UserError(
+                f"--quantized: {path} has no tokenizer to encode the prompt with (its "
+                "source had no tokenizer.json)"
+            )
+        return cls(quantized.model, graphdef, quantized.params, quantized.tokenizer)
 
     def __call__(
         self,

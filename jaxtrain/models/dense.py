@@ -11,6 +11,11 @@ sum runs in float32. The input gradient stays in the input's dtype.
 The output is named ``WEIGHT_MATMUL`` for rematerialisation policies: a custom VJP hides
 the dot from ``dots_with_no_batch_dims_saveable``, so the ``dots_saveable`` policy saves
 these names as well (``models/stack.py``).
+
+An int8 :class:`~jaxtrain.models.quantized.QuantizedWeight` (generation from a quantized
+checkpoint) is dequantized to ``dtype`` here, inside the jitted program, right before the
+dot: the weights stay int8 in memory and the dequantized copy is a temporary of the one
+matmul (one layer's, inside the scan over layers). It has no gradient.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from jaxtrain.models.quantized import QuantizedWeight
 
 WEIGHT_MATMUL = "weight_matmul"
 
@@ -53,7 +60,9 @@ def _backward(spec: str, dtype, w_dtype, residuals, g: jax.Array):
 _einsum.defvjp(_forward, _backward)
 
 
-def weight_einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+def weight_einsum(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
     """``einsum(spec, x, w.astype(dtype))`` with a float32 weight gradient; ``spec`` names
-    the activation first and the weight second."""
+    the activation first and the weight second. An int8 ``w`` is dequantized first."""
+    if isinstance(w, QuantizedWeight):
+        return checkpoint_name(jnp.einsum(spec, x, w.dequantize(dtype)), WEIGHT_MATMUL)
     return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype), w.dtype), WEIGHT_MATMUL)
