@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtrain.generate.decode import generate_tokens, left_pad
+from jaxtrain.generate.decode import decode_tokens, generate_tokens, left_pad, prefill_tokens
 from jaxtrain.generate.sampling import SamplingConfig
 from jaxtrain.models import from_pretrained
 from jaxtrain.models.hf import read_config
@@ -89,6 +89,22 @@ def test_eos_stops_its_row_and_sampling_is_seeded():
     hot = SamplingConfig(temperature=1.5)
     a, b, c = (run(directory, hot, seed=s)[0] for s in (1, 1, 2))
     assert (a == b).all() and not (a == c).all()
+
+
+def test_prefill_and_decode_apart_equal_generate():
+    """The two jitted halves called one after the other (as a server would) give the
+    one-program generate's sampled tokens."""
+    directory = FIXTURES / "llama"
+    hot = SamplingConfig(temperature=1.3)
+    want = run(directory, hot, seed=5)
+    ids = np.load(directory / "input_ids.npy")
+    rows, pad = left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+    graphdef, state = nnx.split(from_pretrained(directory)[1])
+    key = jax.random.PRNGKey(5)
+    prefilled = prefill_tokens(graphdef, state, rows, pad, key, max_new=NEW, sampling=hot)
+    got = decode_tokens(graphdef, state, prefilled, max_new=NEW, sampling=hot)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 @pytest.mark.parametrize(
