@@ -1,5 +1,6 @@
-"""The quickstart notebook runs top to bottom on CPU, offline, and its loss falls; its
-install cell installs the checkout it sits in, else the released package.
+"""The quickstart notebook runs top to bottom on CPU, offline, its loss falls and it ends
+with a sample from the model; its install cell installs the checkout it sits in, else the
+released package.
 
 The notebook is executed in a fresh Jupyter kernel, as a Colab user would run it. The
 kernel is a separate process: it inherits this process's environment (so
@@ -53,6 +54,8 @@ def test_quickstart_notebook_runs_and_loss_falls(tmp_path, monkeypatch):
     assert "fsdp_tp" in _text(cells["plan"])
     assert "train loss" in _text(cells["train"])
     assert any("image/png" in out.get("data", {}) for out in cells["plot"].outputs)
+    sample = _text(cells["sample"])  # streamed piece by piece after the prompt
+    assert sample.startswith("def ") and len(sample.strip()) > len("def ")
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
