@@ -48,6 +48,7 @@ RUN = [
     "train.eval_every=0",
     "checkpoint.every=2",
     "optim.warmup_steps=1",
+    "sample.max_new_tokens=0",  # sampled once, by the reference launch
 ]
 LONG = ["train.steps=40"]  # for runs that are stopped from outside
 
@@ -150,7 +151,7 @@ def reference(tmp_path_factory):
     """One process x 8 devices and two processes x 4 devices, fsdp=8, uninterrupted."""
     root = tmp_path_factory.mktemp("reference")
     single(root / "single", ["mesh.fsdp=8"])
-    code, output = launch(root / "multi")
+    code, output = launch(root / "multi", ["sample.max_new_tokens=12"])
     assert code == 0, output[-3000:]
     return root / "single", root / "multi", output
 
@@ -163,6 +164,8 @@ def test_two_processes_match_one(reference):
     assert committed(two) == [2, 4, 6]
     assert re.search(r"^\[rank 0\] step 6 ", output, re.M)  # rank-prefixed output...
     assert not re.search(r"^\[rank 1\] step ", output, re.M)  # ...and only process 0 logs
+    # Both processes generate the closing sample from the sharded parameters; one prints it.
+    assert re.findall(r"^\[rank (\d)\] sample \(12 tokens, greedy\):", output, re.M) == ["0"]
 
 
 def train_two_processes(run_dir, layout):
