@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -364,6 +365,10 @@ class TrainConfig:
     the parameters are split over the batch axes (ZeRO-3) and nothing extra where they
     are replicated (``dp``, ``zero1``); each batch shard draws its own dropout masks.
     ``jaxtrain plan`` shows the memory and the collective bytes of either.
+
+    ``profile``: ``"A-B"`` writes a ``jax.profiler`` trace of steps A to B (counted from
+    1, both included) into ``<run.dir>/profile`` (TensorBoard's profile tab, Perfetto);
+    ``""``: none.
     """
 
     steps: int = 150
@@ -377,8 +382,28 @@ class TrainConfig:
     objective: str = "causal_lm"
     loss_chunk_tokens: int = 4096
     grad_accumulation: str = "sharded"
+    profile: str = ""
+
+    def profile_steps(self) -> tuple[int, int] | None:
+        """(first, last) step of ``profile``, or None."""
+        if not self.profile:
+            return None
+        first, _, last = self.profile.partition("-")
+        return int(first), int(last or first)
 
     def __post_init__(self) -> None:
+        _check(
+            not self.profile or re.fullmatch(r"\d+(-\d+)?", self.profile) is not None,
+            "train.profile",
+            f"must be a step range FIRST-LAST like 5-7 ('' for none), got {self.profile!r}",
+        )
+        if self.profile:
+            first, last = self.profile_steps()
+            _check(
+                1 <= first <= last,
+                "train.profile",
+                f"{self.profile}: steps count from 1 and the range must not run backwards",
+            )
         _check(self.steps > 0, "train.steps", "must be positive")
         _check(self.global_batch > 0, "train.global_batch", "must be positive")
         _check(self.microbatches > 0, "train.microbatches", "must be positive")
@@ -500,6 +525,12 @@ class Config:
             objective == want,
             "train.objective",
             f"{objective} does not train a {family} model; use train.objective={want}",
+        )
+        profiled = self.train.profile_steps()
+        _check(
+            profiled is None or profiled[1] <= self.train.steps,
+            "train.profile",
+            f"{self.train.profile} runs past train.steps={self.train.steps}",
         )
         _check(
             not (self.data.packing and objective == "span_corruption"),

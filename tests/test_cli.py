@@ -53,6 +53,8 @@ def test_train_end_to_end(tmp_path):
         "--set",
         "sample.max_new_tokens=8",
         "--no-sample",
+        "--set",
+        "train.profile=2-3",
     )
     assert proc.returncode == 0, proc.stderr
     assert "sample (" not in proc.stdout
@@ -68,6 +70,9 @@ def test_train_end_to_end(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "params").is_dir()
     assert str(run_dir / "metrics.jsonl") in proc.stdout
+    # train.profile: a jax.profiler trace of steps 2-3, where TensorBoard looks for it
+    assert list((run_dir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert f"profiled steps 2-3: {run_dir / 'profile'}" in proc.stderr
 
 
 @pytest.mark.parametrize("command", [["plan", "--params"], ["train", "--dry-run"]])

@@ -62,6 +62,11 @@ def test_mesh_fill_axis():
         (["train.seed=-1"], "train.seed"),
         (["model.compute_dtype=float16"], "model.compute_dtype"),
         (["optim.lr=.inf"], "optim.lr"),
+        (["train.profile=5-3"], "train.profile"),
+        (["train.profile=steps"], "train.profile"),
+        (["train.profile=100-200"], "train.profile"),  # past train.steps
+        (["sample.max_new_tokens=-1"], "sample.max_new_tokens"),
+        (["sample.temperature=-0.5"], "sample.temperature"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

@@ -38,6 +38,7 @@ from jaxtrain.metrics import (
     peak_flops,
 )
 from jaxtrain.sharding import make_mesh
+from jaxtrain.train.profile import StepProfiler
 from jaxtrain.train.program import Program, build_program
 from jaxtrain.train.rundir import RunDirectory, read_metrics
 
@@ -253,14 +254,17 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         # Skipped updates leave the parameters finite; a non-finite norm then is a real fault.
         finite_keys = ("param_norm",) if skipping else ("loss", "grad_norm", "param_norm")
         skipped_logged = int(jax.device_get(state.skipped))
+        profiler = StepProfiler(cfg.train.profile_steps(), run.path, console)
         try:
             # Batches are built ahead while earlier steps run, from `start` when resuming.
             batches = Prefetcher(loader.train_batch, start, cfg.train.steps, cfg.data.prefetch)
             with batches, StopSignals() as signals:
                 for step in range(start, cfg.train.steps):
+                    profiler.before(step + 1)
                     state, metrics = compiled(state, batches.get(step))
                     pending.append(metrics)
                     done = step + 1
+                    profiler.after(done, (state, metrics))
                     if delay:
                         jax.block_until_ready(metrics)
                         time.sleep(delay)
@@ -306,6 +310,7 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
                         break
                 checkpointer.wait()
         finally:
+            profiler.stop()
             progress.close()
             writer.close()
 
