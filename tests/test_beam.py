@@ -9,40 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
+from test_generate import fixture_prompts, transformers_generate
 
 from jaxtrain.generate.beam import BeamConfig, beam_search
-from jaxtrain.generate.decode import left_pad
 from jaxtrain.models import from_pretrained
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NEW = 8
-
-
-def prompts(directory):
-    ids = np.load(directory / "input_ids.npy")
-    return left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
-
-
-def transformers_beams(directory, rows, pad, beams, eos):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    seq2seq = directory.name == "t5"
-    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    hf = auto.from_pretrained(directory, dtype=torch.float32)
-    mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor(rows, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            do_sample=False,
-            num_beams=beams.num_beams,
-            length_penalty=beams.length_penalty,
-            early_stopping=beams.early_stopping,
-            max_new_tokens=NEW,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )
-    return out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
 
 
 @functools.cache
@@ -54,11 +27,14 @@ def split(name):
 
 def run(name, beams, eos):
     directory, graphdef, state = split(name)
-    rows, pad = prompts(directory)
+    rows, pad = fixture_prompts(directory)
     tokens, lengths, _ = beam_search(
         graphdef, state, rows, pad, max_new=NEW, beams=beams, eos_id=eos, pad_id=0
     )
-    want = transformers_beams(directory, rows, pad, beams, eos)
+    want = transformers_generate(
+        directory, rows, pad, num_beams=beams.num_beams, length_penalty=beams.length_penalty,
+        early_stopping=beams.early_stopping, max_new_tokens=NEW, eos_token_id=eos,
+    )  # fmt: skip
     best, length = np.asarray(tokens)[:, 0], np.asarray(lengths)[:, 0]
     # transformers crops to the longest best hypothesis and fills the rest (with the EOS:
     # its fill is `pad_token_id or eos`); ours are filled with pad_id.

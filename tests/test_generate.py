@@ -18,17 +18,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NEW = 10
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "t5"])
-def test_greedy_equals_transformers(name):
+def fixture_prompts(directory):
+    """Two prompts of a fixture's input ids, 9 and 4 tokens: left-padded by 0 and 5."""
+    ids = np.load(directory / "input_ids.npy")
+    return left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+
+
+def transformers_generate(directory, rows, pad, **options):
+    """transformers' greedy ``generate`` (with ``options``) of a fixture: the new tokens.
+    T5's prompt is its encoder's, and its output opens with the decoder start token."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    directory = FIXTURES / name
-    ids = np.load(directory / "input_ids.npy")
-    prompts = [ids[0, :9].tolist(), ids[1, :4].tolist()]  # left-padded by 0 and 5
-    rows, pad = left_pad(prompts, pad_id=0)
-    eos = read_config(directory).get("eos_token_id")
-
-    seq2seq = name == "t5"  # the prompt is the encoder's; the output opens with the start token
+    seq2seq = directory.name == "t5"
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     hf = auto.from_pretrained(directory, dtype=torch.float32)
     mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
@@ -37,10 +38,18 @@ def test_greedy_equals_transformers(name):
             torch.tensor(rows, dtype=torch.long),
             attention_mask=torch.tensor(mask),
             do_sample=False,
-            max_new_tokens=NEW,
             pad_token_id=0,
+            **options,
         )
-    want = out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
+    return out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "t5"])
+def test_greedy_equals_transformers(name):
+    directory = FIXTURES / name
+    rows, pad = fixture_prompts(directory)
+    eos = read_config(directory).get("eos_token_id")
+    want = transformers_generate(directory, rows, pad, max_new_tokens=NEW)
 
     _, model = from_pretrained(directory)
     graphdef, state = nnx.split(model)
@@ -62,8 +71,7 @@ def test_greedy_equals_transformers(name):
 
 
 def run(directory, sampling, eos=None, seed=0):
-    ids = np.load(directory / "input_ids.npy")
-    rows, pad = left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+    rows, pad = fixture_prompts(directory)
     _, model = from_pretrained(directory)
     graphdef, state = nnx.split(model)
     key = jax.random.PRNGKey(seed)
@@ -97,8 +105,7 @@ def test_prefill_and_decode_apart_equal_generate():
     directory = FIXTURES / "llama"
     hot = SamplingConfig(temperature=1.3)
     want = run(directory, hot, seed=5)
-    ids = np.load(directory / "input_ids.npy")
-    rows, pad = left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+    rows, pad = fixture_prompts(directory)
     graphdef, state = nnx.split(from_pretrained(directory)[1])
     key = jax.random.PRNGKey(5)
     prefilled = prefill_tokens(graphdef, state, rows, pad, key, max_new=NEW, sampling=hot)
@@ -121,8 +128,7 @@ def test_generation_on_8_devices_equals_one_device(mesh):
     rules = preset(cfg.mesh.preset).within_batch_shard()
     _, sharded = from_pretrained(directory, make_mesh(cfg), rules=rules)
     assert len(sharded.blocks.attn.wq[...].sharding.device_set) == 8
-    ids = np.load(directory / "input_ids.npy")
-    rows, pad = left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
+    rows, pad = fixture_prompts(directory)
     for sampling in (SamplingConfig(greedy=True), SamplingConfig(temperature=1.3, top_p=0.9)):
         graphdef, state = nnx.split(sharded)
         key = jax.random.PRNGKey(7)
