@@ -67,6 +67,7 @@ def xla_attention(
     scale: float | None = None,
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
+    heads_first: bool = False,
 ) -> jax.Array:
     """Softmax attention in plain JAX, accumulating in float32.
 
@@ -87,15 +88,17 @@ def xla_attention(
         mask: optional [B, L, S] bool, True where a query may see a key, on top of the
             other masks (a KV cache's filled, unpadded slots). Only this reference takes
             one; every query must see at least one key.
+        heads_first: k and v are [B, K, S, H] (a KV cache's layout) instead.
 
     Returns:
         [B, L, N, H] in q's dtype.
     """
     b, q_len, n, h = q.shape
-    k_len, kv = k.shape[1], k.shape[2]
+    kv_spec = "BKSH" if heads_first else "BSKH"
+    k_len, kv = k.shape[kv_spec.index("S")], k.shape[kv_spec.index("K")]
     scale = h**-0.5 if scale is None else scale
     q = q.reshape(b, q_len, kv, n // kv, h)  # [B, L, K, G, H]
-    scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"BLKGH,{kv_spec}->BKGLS", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(-1, kv, n // kv, q_len, k_len)
@@ -106,7 +109,7 @@ def xla_attention(
     if visible is not None:
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v)
+    out = jnp.einsum(f"BKGLS,{kv_spec}->BLKGH", probs, v)
     return out.reshape(b, q_len, n, h)
 
 

@@ -76,9 +76,12 @@ class Block(nnx.Module):
         x = x + dropout(h, self.dropout, keys[1])
         return self.shard(x, ("batch", "length", "act_embed"))
 
-    def decode(self, x: jax.Array, cache: Cache, step: Step) -> tuple[jax.Array, Cache]:
-        """The block in incremental decoding over its layer's cache (no dropout)."""
-        h, cache = self.attn.decode(self.attn_norm(x), None, None, cache, step)
+    def decode(
+        self, x: jax.Array, cache: Cache, layer: jax.Array, step: Step
+    ) -> tuple[jax.Array, Cache]:
+        """The block in incremental decoding: layer ``layer`` of the stacked cache (no
+        dropout)."""
+        h, cache = self.attn.decode(self.attn_norm(x), None, None, cache, layer, step)
         x = self.shard(x + h, ("batch", "length", "act_embed"))
         x = x + self.mlp(self.mlp_norm(x))
         return self.shard(x, ("batch", "length", "act_embed")), cache
@@ -153,7 +156,7 @@ class GPT2(nnx.Module, CachedDecoder):
     ) -> tuple[jax.Array, Cache]:
         """Incremental decoding, as :meth:`jaxtrain.models.llama.Llama.decode`; positions
         must stay below :meth:`max_positions` (the generator checks)."""
-        length, slots = tokens.shape[1], cache[0].shape[2]
+        length, slots = tokens.shape[1], cache[0].shape[3]
         x = self._embed(tokens, step_positions(slot, length, pad))
         step = step_view(slot, length, pad, slots, None)
         cache = tuple(self.shard(c, CACHE_AXES) for c in cache)

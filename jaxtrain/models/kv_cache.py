@@ -1,9 +1,12 @@
 """The key/value cache of incremental decoding: its layout and what a step may see.
 
-A cache holds every layer's keys and values for ``S`` slots, ``[layers, B, S, K, H]``
+A cache holds every layer's keys and values for ``S`` slots, ``[layers, B, K, S, H]``
 each (K the key/value heads: a grouped-query cache holds only those), logical axes
-``("layers", "batch", "length", "act_kv_heads", None)``, so the rules table shards it
-like the activations: rows over the batch axes, heads over ``tensor``.
+``("layers", "batch", "act_kv_heads", "length", None)``, so the rules table shards it
+like the activations: rows over the batch axes, heads over ``tensor``. Heads come before
+slots because that is the layout the attention's two matmuls read, and the whole stacked
+cache is carried through the layers (``models/stack.py``): a step writes only its new
+slots, in place, and no layer's cache is copied or transposed.
 
 Prompts of different lengths are left-padded to one length: row b's first ``pad[b]``
 slots are padding, never seen, and slot ``j`` holds the token at position
@@ -24,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
-LAYER_CACHE_AXES = ("batch", "length", "act_kv_heads", None)
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)
+LAYER_CACHE_AXES = ("batch", "act_kv_heads", "length", None)
 
-Cache = tuple[jax.Array, jax.Array]  # (keys, values), each [layers, B, S, K, H]
+Cache = tuple[jax.Array, jax.Array]  # (keys, values), each [layers, B, K, S, H]
 
 
 def cache_slots(total: int, window: int | None) -> int:
@@ -40,7 +43,7 @@ def empty_cache(
     layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype: jnp.dtype
 ) -> Cache:
     """Zeroed keys and values for ``slots`` positions of ``batch`` rows."""
-    shape = (layers, batch, slots, kv_heads, head_dim)
+    shape = (layers, batch, kv_heads, slots, head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
@@ -66,20 +69,35 @@ class Step:
     sees: jax.Array
     rolling: bool = struct.field(pytree_node=False)
 
-    def write(self, cache: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Store ``new`` [B, L, K, H] in a layer's ``cache`` [B, S, K, H]; returns (the
-        keys or values the step attends over, the updated cache)."""
-        new = new.astype(cache.dtype)
+    def write(
+        self, cache: jax.Array, layer: jax.Array, new: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Store layer ``layer``'s ``new`` keys or values [B, L, K, H] in the stacked
+        ``cache`` [layers, B, K, S, H]; returns (what the step attends over [B, K, S', H],
+        the updated cache). Only the new slots are written."""
+        new = jnp.swapaxes(new.astype(cache.dtype), 1, 2)[None]  # [1, B, K, L, H]
+        length, slots = new.shape[3], cache.shape[3]
         if not self.rolling:
-            cache = jax.lax.dynamic_update_slice_in_dim(cache, new, self.slot, axis=1)
-            return cache, cache
-        window, length = cache.shape[1], new.shape[1]
-        attended = jnp.concatenate([cache, new], axis=1)
-        if length >= window:  # only the newest `window` survive, each at slot % window
-            newest = new[:, length - window :]
-            return attended, jnp.roll(newest, (self.slot + length - window) % window, axis=1)
-        entries = (self.slot + jnp.arange(length)) % window
-        return attended, cache.at[:, entries].set(new)
+            cache = jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, self.slot, 0))
+            return layer_of(cache, layer), cache
+        held = layer_of(cache, layer)
+        attended = jnp.concatenate([held, new[0]], axis=2)
+        if length == 1:
+            entry = self.slot % slots
+            cache = jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, entry, 0))
+        elif length >= slots:  # only the newest `window` survive, each at slot % window
+            newest = jnp.roll(new[:, :, :, length - slots :], (self.slot + length) % slots, axis=3)
+            cache = jax.lax.dynamic_update_slice(cache, newest, (layer, 0, 0, 0, 0))
+        else:
+            entries = (self.slot + jnp.arange(length)) % slots
+            held = held.at[:, :, entries].set(new[0])
+            cache = jax.lax.dynamic_update_slice(cache, held[None], (layer, 0, 0, 0, 0))
+        return attended, cache
+
+
+def layer_of(cache: jax.Array, layer: jax.Array) -> jax.Array:
+    """Layer ``layer`` of a stacked cache [layers, B, K, S, H]: [B, K, S, H]."""
+    return jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
 
 
 def step_view(slot: jax.Array, length: int, pad: jax.Array, slots: int, window: int | None) -> Step:

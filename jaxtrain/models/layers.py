@@ -350,24 +350,24 @@ class Attention(nnx.Module):
         sin: jax.Array | None,
         cos: jax.Array | None,
         cache: tuple[jax.Array, jax.Array],
+        layer: jax.Array,
         step: Step,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Incremental self-attention (:mod:`jaxtrain.models.kv_cache`): the keys and
-        values of x [B, L, D] are written into this layer's cache [B, S, K, H] as
-        ``step`` places them, and each query attends to the keys ``step.sees`` allows.
+        values of x [B, L, D] are written into layer ``layer`` of the stacked cache
+        [layers, B, K, S, H] as ``step`` places them, and each query attends to the keys
+        ``step.sees`` allows.
 
         Returns:
-            (output [B, L, D], the updated (keys, values)).
+            (output [B, L, D], the updated (keys, values) caches).
         """
         q, k, v = self._qkv(x, sin, cos)
         (keys, cached_k), (values, cached_v) = (
-            step.write(c, t) for c, t in zip(cache, (k, v), strict=True)
+            step.write(c, layer, t) for c, t in zip(cache, (k, v), strict=True)
         )
-        keys, values, cached_k, cached_v = (
-            self.shard(t, LAYER_CACHE_AXES) for t in (keys, values, cached_k, cached_v)
-        )
+        keys, values = (self.shard(t, LAYER_CACHE_AXES) for t in (keys, values))
         q = self.shard(q, ("batch", "length", "act_heads", None))
-        out = xla_attention(q, keys, values, causal=False, mask=step.sees)
+        out = xla_attention(q, keys, values, causal=False, mask=step.sees, heads_first=True)
         return self._out(out), (cached_k, cached_v)
 
 

@@ -90,12 +90,14 @@ class Block(nnx.Module):
         self,
         x: jax.Array,
         cache: Cache,
+        layer: jax.Array,
         sin: jax.Array,
         cos: jax.Array,
         step: Step,
     ) -> tuple[jax.Array, Cache]:
-        """The block in incremental decoding over its layer's cache (no dropout)."""
-        h, cache = self.attn.decode(self.attn_norm(x), sin, cos, cache, step)
+        """The block in incremental decoding: layer ``layer`` of the stacked cache (no
+        dropout)."""
+        h, cache = self.attn.decode(self.attn_norm(x), sin, cos, cache, layer, step)
         x = self.shard(x + h, ("batch", "length", "act_embed"))
         x = x + self.mlp(self.mlp_norm(x))
         return self.shard(x, ("batch", "length", "act_embed")), cache
@@ -173,7 +175,7 @@ class Llama(nnx.Module, CachedDecoder):
         token per row at the next slot.
         """
         cfg = self.cfg
-        length, slots = tokens.shape[1], cache[0].shape[2]
+        length, slots = tokens.shape[1], cache[0].shape[3]
         positions = step_positions(slot, length, pad)
         sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         step = step_view(slot, length, pad, slots, cfg.sliding_window or None)

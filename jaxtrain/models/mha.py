@@ -152,9 +152,13 @@ class MultiHeadAttention(nnx.Module):
         bias: jax.Array | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
-        """``x`` [B, L, D] attends to given keys and values [B, S, K, H] (a decode step's
-        cache, or the encoder's, projected once), bidirectionally: ``bias``
-        [1 or B, N, L, S] added to the scores, ``mask`` [B, L, S] True where a query sees
-        a key. Always the plain-JAX reference (it alone takes a mask)."""
-        out = xla_attention(self._q(x), k, v, causal=False, scale=self.scale, bias=bias, mask=mask)
+        """``x`` [B, L, D] attends to given keys and values [B, K, S, H] (a KV cache's
+        layout: a decode step's cache, or the encoder's, projected once),
+        bidirectionally: ``bias`` [1 or B, N, L, S] added to the scores, ``mask``
+        [B, L, S] True where a query sees a key. Always the plain-JAX reference (it alone
+        takes a mask)."""
+        q = self._q(x)
+        out = xla_attention(
+            q, k, v, causal=False, scale=self.scale, bias=bias, mask=mask, heads_first=True
+        )
         return self._out(out)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.models.dense import WEIGHT_MATMUL
@@ -63,14 +64,21 @@ def scan_blocks(
 
 def scan_decode(blocks: nnx.Module, x: jax.Array, cache: Any, *args: Any) -> tuple[jax.Array, Any]:
     """``x`` [B, L, D] through the ``n`` stacked blocks in incremental decoding, each
-    called as ``block.decode(x, layer_cache, *args)`` with its slice of ``cache`` (arrays
-    [layers, B, ...]: keys and values); returns x and the updated cache."""
+    called as ``block.decode(x, cache, layer, *args)`` with the whole stacked ``cache``
+    (arrays [layers, B, ...]) and its own index ``layer``; returns x and the updated cache.
+
+    The cache is carried through the scan rather than sliced as its input: a block writes
+    only its new entries, in place, and reads its layer's slice where it uses it, so no
+    layer's cache is copied whole per step.
+    """
     graphdef, layers = nnx.split(blocks)
+    n = jax.tree.leaves(cache)[0].shape[0]
 
-    def body(x, layer):
-        layer_state, layer_cache = layer
+    def body(carry, layer):
+        x, cache = carry
+        layer_state, index = layer
         block = nnx.merge(graphdef, layer_state)
-        x, layer_cache = block.decode(x, layer_cache, *args)
-        return x, layer_cache
+        return block.decode(x, cache, index, *args), None
 
-    return jax.lax.scan(body, x, (layers, cache))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, jnp.arange(n)))
+    return x, cache

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.models.decoding import DecodeState
-from jaxtrain.models.kv_cache import CACHE_AXES, Step, empty_cache, step_view
+from jaxtrain.models.kv_cache import CACHE_AXES, Step, empty_cache, layer_of, step_view
 from jaxtrain.models.layers import (
     MLP,
     RMSNorm,
@@ -169,27 +169,30 @@ class DecoderBlock(nnx.Module):
         self,
         x: jax.Array,
         cache: tuple[jax.Array, ...],
+        layer: jax.Array,
         step: Step,
         bias: jax.Array,
         cross: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """The block in incremental decoding: ``cache`` holds this layer's self-attention
-        keys and values [B, S, N, H] and the encoder's [B, L, N, H]; ``bias`` [1, N, M, S]
-        is the step's position bias, ``cross`` [B, N, M, L] hides the prompts' padding."""
+        """The block in incremental decoding, layer ``layer`` of the stacked caches:
+        ``cache`` holds the self-attention keys and values [layers, B, K, S, H] and the
+        encoder's [layers, B, K, L, H]; ``bias`` [1, N, M, S] is the step's position bias,
+        ``cross`` [B, N, M, L] hides the prompts' padding."""
         keys, values, enc_keys, enc_values = cache
         act = ("batch", "length", "act_embed")
         h = self.self_attn_norm(x)
-        (keys, cached_k), (values, cached_v) = (
-            step.write(c, t)
-            for c, t in zip((keys, values), self.self_attn.project_kv(h), strict=True)
-        )
-        x = self.shard(
-            x + self.self_attn.attend_to(h, keys, values, bias=bias, mask=step.sees), act
-        )
-        h = self.cross_attn_norm(x)
-        x = self.shard(x + self.cross_attn.attend_to(h, enc_keys, enc_values, bias=cross), act)
+        new_keys, new_values = self.self_attn.project_kv(h)
+        seen_keys, keys = step.write(keys, layer, new_keys)
+        seen_values, values = step.write(values, layer, new_values)
+        h = self.self_attn.attend_to(h, seen_keys, seen_values, bias=bias, mask=step.sees)
+        x = self.shard(x + h, act)
+        h = self.cross_attn.attend_to(
+            self.cross_attn_norm(x), layer_of(enc_keys, layer), layer_of(enc_values, layer),
+            bias=cross,
+        )  # fmt: skip
+        x = self.shard(x + h, act)
         x = self.shard(x + self.mlp(self.mlp_norm(x)), act)
-        return x, (cached_k, cached_v, enc_keys, enc_values)
+        return x, (keys, values, enc_keys, enc_values)
 
 
 class T5(nnx.Module):
@@ -298,7 +301,8 @@ class T5(nnx.Module):
         def project(_, layer):
             return None, nnx.merge(graphdef, layer).cross_attn.project_kv(encoded)
 
-        _, (enc_keys, enc_values) = jax.lax.scan(project, None, layers)
+        _, encoder_kv = jax.lax.scan(project, None, layers)  # [layers, B, L, K, H] each
+        enc_keys, enc_values = (jnp.swapaxes(t, 2, 3) for t in encoder_kv)
         dtype = jnp.dtype(cfg.compute_dtype)
         keys, values = empty_cache(
             cfg.n_layers, batch, max_new, cfg.n_kv_heads, cfg.head_dim, dtype
@@ -319,7 +323,7 @@ class T5(nnx.Module):
         """Logits [B, V] after feeding the decoder ``tokens`` [B] at ``slot``."""
         cfg = self.cfg
         pad = state.rows
-        slots, length = state.layers[0].shape[2], state.layers[2].shape[2]
+        slots, length = state.layers[0].shape[3], state.layers[2].shape[3]
         step = step_view(slot, 1, jnp.zeros_like(pad), slots, None)
         table = position_bias(self.decoder_bias[...], slots, slots, bidirectional=False, cfg=cfg)
         bias = jax.lax.dynamic_slice_in_dim(table, slot, 1, axis=2)  # [1, N, 1, S]
