@@ -274,13 +274,12 @@ def _sample(cfg: Config, result: RunResult, out: Console) -> None:
         out.print(f"(no sample: {cfg.model.family} with {cfg.train.objective} does not generate)")
         return
     generator = Generator.from_program(cfg, result.program, result.params)
-    greedy = sample.temperature == 0
-    sampling = SamplingConfig(temperature=sample.temperature or 1.0, greedy=greedy)
+    sampling = SamplingConfig.at_temperature(sample.temperature)
     (text,) = generator(
         [sample.prompt], max_new_tokens=sample.max_new_tokens, sampling=sampling,
         seed=cfg.train.seed,
     )  # fmt: skip
-    how = "greedy" if greedy else f"temperature {sample.temperature}"
+    how = "greedy" if sampling.greedy else f"temperature {sample.temperature}"
     out.print(f"sample ({sample.max_new_tokens} tokens, {how}):", style="bold")
     if not out.quiet:  # as generated: rich would drop control characters
         print(sample.prompt + text, flush=True)
@@ -315,13 +314,11 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("--prompt: give a prompt (--prompt TEXT or --prompt-file FILE)")
-    greedy = args.temperature == 0
-    sampling = SamplingConfig(
-        temperature=1.0 if greedy else args.temperature,
+    sampling = SamplingConfig.at_temperature(
+        args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
-        greedy=greedy,
     )
     beams = None
     if args.num_beams != 1:

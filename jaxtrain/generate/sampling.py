@@ -81,6 +81,13 @@ class SamplingConfig:
         )
         _check(isinstance(self.greedy, bool), "generate.greedy", "must be true or false")
 
+    @classmethod
+    def at_temperature(cls, temperature: float, **options) -> SamplingConfig:
+        """The command line's convention: temperature 0 is greedy (the argmax), any other
+        samples at that temperature, with ``options`` (top_k, top_p, ...)."""
+        greedy = temperature == 0
+        return cls(temperature=1.0 if greedy else temperature, greedy=greedy, **options)
+
 
 def seen_mask(tokens: jax.Array, vocab_size: int, valid: jax.Array | None = None) -> jax.Array:
     """The ``[B, V]`` mask of the tokens that occur in each row of ``tokens``.
