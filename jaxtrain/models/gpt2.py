@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.models.decoding import CachedDecoder
-from jaxtrain.models.kv_cache import CACHE_AXES, Cache, Step, step_positions, step_view
+from jaxtrain.models.kv_cache import Cache, Step, step_positions, step_view
 from jaxtrain.models.layers import (
     Attention,
     GeluMLP,
@@ -159,6 +159,5 @@ class GPT2(nnx.Module, CachedDecoder):
         length, slots = tokens.shape[1], cache[0].shape[3]
         x = self._embed(tokens, step_positions(slot, length, pad))
         step = step_view(slot, length, pad, slots, None)
-        cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
-        x, cache = scan_decode(self.blocks, x, cache, step)
-        return self._head(x), tuple(self.shard(c, CACHE_AXES) for c in cache)
+        x, cache = scan_decode(self.blocks, x, cache, step, shard=self.shard)
+        return self._head(x), cache

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.models.decoding import CachedDecoder
-from jaxtrain.models.kv_cache import CACHE_AXES, Cache, Step, step_positions, step_view
+from jaxtrain.models.kv_cache import Cache, Step, step_positions, step_view
 from jaxtrain.models.layers import (
     MLP,
     Attention,
@@ -181,6 +181,5 @@ class Llama(nnx.Module, CachedDecoder):
         step = step_view(slot, length, pad, slots, cfg.sliding_window or None)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.compute_dtype))
         x = self.shard(x, ("batch", "length", "act_embed"))
-        cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
-        x, cache = scan_decode(self.blocks, x, cache, sin, cos, step)
-        return self._head(x), tuple(self.shard(c, CACHE_AXES) for c in cache)
+        x, cache = scan_decode(self.blocks, x, cache, sin, cos, step, shard=self.shard)
+        return self._head(x), cache

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.models.dense import WEIGHT_MATMUL
+from jaxtrain.models.kv_cache import CACHE_AXES
 
 _policies = jax.checkpoint_policies
 REMAT_POLICIES = {
@@ -62,16 +63,21 @@ def scan_blocks(
     return x
 
 
-def scan_decode(blocks: nnx.Module, x: jax.Array, cache: Any, *args: Any) -> tuple[jax.Array, Any]:
+def scan_decode(
+    blocks: nnx.Module, x: jax.Array, cache: Any, *args: Any, shard: Callable[..., jax.Array]
+) -> tuple[jax.Array, Any]:
     """``x`` [B, L, D] through the ``n`` stacked blocks in incremental decoding, each
     called as ``block.decode(x, cache, layer, *args)`` with the whole stacked ``cache``
-    (arrays [layers, B, ...]) and its own index ``layer``; returns x and the updated cache.
+    (KV caches [layers, B, K, S, H]) and its own index ``layer``; returns x and the
+    updated cache. ``shard`` (the model's activation constraint) lays the cache out by
+    :data:`~jaxtrain.models.kv_cache.CACHE_AXES` going in and coming out.
 
     The cache is carried through the scan rather than sliced as its input: a block writes
     only its new entries, in place, and reads its layer's slice where it uses it, so no
     layer's cache is copied whole per step.
     """
     graphdef, layers = nnx.split(blocks)
+    cache = jax.tree.map(lambda c: shard(c, CACHE_AXES), cache)
     n = jax.tree.leaves(cache)[0].shape[0]
 
     def body(carry, layer):
@@ -81,4 +87,4 @@ def scan_decode(blocks: nnx.Module, x: jax.Array, cache: Any, *args: Any) -> tup
         return block.decode(x, cache, index, *args), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, jnp.arange(n)))
-    return x, cache
+    return x, jax.tree.map(lambda c: shard(c, CACHE_AXES), cache)

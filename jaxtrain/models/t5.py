@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.models.decoding import DecodeState
-from jaxtrain.models.kv_cache import CACHE_AXES, Step, empty_cache, layer_of, step_view
+from jaxtrain.models.kv_cache import Step, empty_cache, layer_of, step_view
 from jaxtrain.models.layers import (
     MLP,
     RMSNorm,
@@ -328,9 +328,8 @@ class T5(nnx.Module):
         table = position_bias(self.decoder_bias[...], slots, slots, bidirectional=False, cfg=cfg)
         bias = jax.lax.dynamic_slice_in_dim(table, slot, 1, axis=2)  # [1, N, 1, S]
         cross = jnp.broadcast_to(padding_bias(pad, length), (len(pad), cfg.n_heads, 1, length))
-        cache = tuple(self.shard(c, CACHE_AXES) for c in state.layers)
-        y, cache = scan_decode(self.decoder, self._embed(tokens[:, None]), cache, step, bias, cross)
-        cache = tuple(self.shard(c, CACHE_AXES) for c in cache)
+        y = self._embed(tokens[:, None])
+        y, cache = scan_decode(self.decoder, y, state.layers, step, bias, cross, shard=self.shard)
         return self._head(self.decoder_norm(y))[:, 0], state.replace(layers=cache)
 
 
