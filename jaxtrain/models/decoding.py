@@ -1,7 +1,7 @@
 """What generation asks of a model: read the prompts once, then one token per row a step.
 
 The decoding loops (:mod:`jaxtrain.generate.decode`, :mod:`jaxtrain.generate.beam`)
-drive every family through two methods:
+drive every family through these methods:
 
 - ``prefill(prompts, pad, max_new)``: the left-padded prompts [B, T] (row b padded by
   ``pad[b]``) read once; returns the logits [B, V] that pick each row's first new token
@@ -12,7 +12,7 @@ drive every family through two methods:
   (a decoder's prompt; an encoder-decoder's decoder start token), with a validity mask;
 - ``max_positions(cfg)`` (static): the longest sequence it can encode, or None.
 
-:class:`CachedDecoder` implements both for the decoder-only families on top of their
+:class:`CachedDecoder` implements them for the decoder-only families on top of their
 ``decode(tokens, cache, slot, pad)`` over a KV cache (:mod:`jaxtrain.models.kv_cache`).
 """
 
