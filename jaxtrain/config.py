@@ -660,6 +660,12 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     return _build(Config, data or {}, "")
 
 
+def model_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """Build and validate a :class:`ModelConfig` alone, from plain data (a saved model's
+    section, with no run around it), checked key by key as a config file's is."""
+    return _build(ModelConfig, data, "model.")
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     shown = quote(item)
     if "=" not in item:

@@ -35,7 +35,7 @@ from rich.console import Console
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxtrain.config import ModelConfig, RopeScalingConfig
+from jaxtrain.config import ModelConfig, model_from_dict
 from jaxtrain.data import Tokenizer, load_tokenizer
 from jaxtrain.errors import UserError, quote
 from jaxtrain.models.quantized import (
@@ -236,11 +236,9 @@ def save(quantized: Quantized, out: str | Path) -> None:
 
 def _model_config(data: Any, where: str) -> ModelConfig:
     try:
-        fields = dict(data)
-        fields["rope_scaling"] = RopeScalingConfig(**fields.get("rope_scaling", {}))
-        return ModelConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{where}: bad model config ({quote(err)})") from None
+        return model_from_dict(data)
+    except UserError as err:
+        raise UserError(f"{where}: bad model config ({err})") from None
 
 
 def load_quantized(path: str) -> tuple[Quantized, Any]:
