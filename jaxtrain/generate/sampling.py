@@ -165,12 +165,13 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
 
     Args:
         logits: ``[B, V]`` float32.
-        top_p: in (0, 1]; 1 keeps all, as ``generate`` skips the warper at 1.
+        top_p: in (0, 1]; 1 keeps all, as ``generate`` skips the warper at 1. Or a
+            ``[B, 1]`` array: each row's own (serving a batch of requests).
 
     Returns:
         ``[B, V]`` float32 logits.
     """
-    if top_p >= 1.0:
+    if isinstance(top_p, float | int) and top_p >= 1.0:
         return logits
     order = jnp.argsort(logits, axis=-1, stable=True)  # [B, V] ascending
     ascending = jnp.take_along_axis(logits, order, axis=-1)

@@ -47,11 +47,17 @@ def empty_cache(
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
+def step_slots(slot: jax.Array, length: int) -> jax.Array:
+    """[1, L] slots of the ``length`` tokens fed at ``slot`` ([B, L] when ``slot`` is
+    one per row)."""
+    return jnp.reshape(slot, (-1, 1)) + jnp.arange(length)
+
+
 def step_positions(slot: jax.Array, length: int, pad: jax.Array) -> jax.Array:
-    """[B, L] positions of the ``length`` tokens fed at ``slot``, each row counted from
-    its first unpadded slot (padding slots get 0)."""
-    slots = slot + jnp.arange(length)
-    return jnp.maximum(slots[None, :] - pad[:, None], 0)
+    """[B, L] positions of the ``length`` tokens fed at ``slot`` (a scalar, or [B] when
+    each row is at its own slot), each row counted from its first unpadded slot (padding
+    slots get 0)."""
+    return jnp.maximum(step_slots(slot, length) - pad[:, None], 0)
 
 
 @struct.dataclass
@@ -59,7 +65,8 @@ class Step:
     """One decode step's view of a layer cache: where its tokens go and what they see.
 
     Attributes:
-        slot: the slot of the step's first token.
+        slot: the slot of the step's first token: a scalar, or [B] when each row is at
+            its own slot (continuous batching: then a step feeds one token per row).
         sees: [B, L, S'] bool: which keys each query attends to, S' being the cache's
             slots, or (rolling) the buffer's entries followed by the step's own keys.
         rolling: the cache is a rolling buffer of ``window`` entries.
@@ -75,6 +82,8 @@ class Step:
         """Store layer ``layer``'s ``new`` keys or values [B, L, K, H] in the stacked
         ``cache`` [layers, B, K, S, H]; returns (what the step attends over [B, K, S', H],
         the updated cache). Only the new slots are written."""
+        if self.slot.ndim:
+            return self._write_rows(cache, layer, new)
         new = jnp.swapaxes(new.astype(cache.dtype), 1, 2)[None]  # [1, B, K, L, H]
         length, slots = new.shape[3], cache.shape[3]
         if not self.rolling:
@@ -94,6 +103,20 @@ class Step:
             cache = jax.lax.dynamic_update_slice(cache, held[None], (layer, 0, 0, 0, 0))
         return attended, cache
 
+    def _write_rows(
+        self, cache: jax.Array, layer: jax.Array, new: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """``write`` of one token per row, row b's at its own slot ``slot[b]``."""
+        if new.shape[1] != 1:
+            raise ValueError("a step with a slot per row feeds one token per row")
+        new = jnp.swapaxes(new.astype(cache.dtype), 1, 2)  # [B, K, 1, H]
+        held = layer_of(cache, layer)
+        entry = self.slot % cache.shape[3] if self.rolling else self.slot
+        rows = jnp.arange(new.shape[0])
+        cache = cache.at[layer, rows, :, entry].set(new[:, :, 0])
+        attended = jnp.concatenate([held, new], axis=2) if self.rolling else layer_of(cache, layer)
+        return attended, cache
+
 
 def layer_of(cache: jax.Array, layer: jax.Array) -> jax.Array:
     """Layer ``layer`` of a stacked cache [layers, B, K, S, H]: [B, K, S, H]."""
@@ -101,20 +124,22 @@ def layer_of(cache: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 def step_view(slot: jax.Array, length: int, pad: jax.Array, slots: int, window: int | None) -> Step:
-    """The :class:`Step` of ``length`` tokens fed at ``slot`` into a cache of ``slots``
-    slots (a rolling buffer when that is the window), rows left-padded by ``pad``.
+    """The :class:`Step` of ``length`` tokens fed at ``slot`` (a scalar, or [B]: a slot
+    per row) into a cache of ``slots`` slots (a rolling buffer when that is the window),
+    rows left-padded by ``pad``.
 
     A padding query (a left-padded prompt's first tokens) sees its own slot only, so its
     softmax stays finite; nothing reads its output.
     """
     rolling = window is not None and slots == window
-    query = slot + jnp.arange(length)
+    query = step_slots(slot, length)  # [R, L], R = 1 or B
     if rolling:  # entry i holds the one slot in [slot - window, slot) that is i mod window
-        held = slot - window + (jnp.arange(window) - slot) % window
-        key = jnp.concatenate([held, query])
+        first = query[:, :1]
+        held = first - window + (jnp.arange(window) - first) % window
+        key = jnp.concatenate([held, query], axis=1)
     else:
-        key = jnp.arange(slots)
-    query, key = query[None, :, None], key[None, None, :]  # [1, L, 1], [1, 1, S']
+        key = jnp.arange(slots)[None, :]
+    query, key = query[:, :, None], key[:, None, :]  # [R, L, 1], [R, 1, S']
     start = pad[:, None, None]  # [B, 1, 1]
     sees = (key <= query) & (key >= start)
     if window is not None:
