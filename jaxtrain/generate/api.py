@@ -151,7 +151,7 @@ class Generator:
         encoded = [self.tokenizer.encode(p).tolist() or [eos] for p in prompts]
         self._check_positions(max(len(ids) for ids in encoded), max_new_tokens)
         rows, pad = left_pad(encoded, pad_id=eos, multiple=BUCKET)
-        texts = _TextStream(self.tokenizer, len(prompts), eos, stop, on_text)
+        texts = TextStream(self.tokenizer, len(prompts), eos, stop, on_text)
         if beams is not None:
             tokens, counts, _ = beam_search(
                 self.graphdef, self.params, rows, pad, max_new=max_new_tokens, beams=beams,
@@ -169,7 +169,7 @@ class Generator:
         out = []
         for row, count in zip(tokens, counts, strict=True):
             ids = [t for t in row[:count].tolist() if t != eos]
-            out.append(_cut(self.tokenizer.decode(ids), stop))
+            out.append(cut_at_stop(self.tokenizer.decode(ids), stop))
         texts.finish(out)
         return out
 
@@ -193,15 +193,16 @@ def _check_family(cfg: ModelConfig, where: str) -> None:
         )
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to its first stop string."""
     ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return text[: min(ends)] if ends else text
 
 
-class _TextStream:
+class TextStream:
     """Turns each step's tokens into each row's new text for ``on_text``: the decoded
-    text so far, less what was already handed out (a token may complete a character)."""
+    text so far, less what was already handed out. Held back until the next token: an
+    incomplete character, and an ending that may be the start of a stop string."""
 
     def __init__(self, tokenizer, rows, eos, stop, on_text):
         self.tokenizer, self.eos, self.stop, self.on_text = tokenizer, eos, stop, on_text
@@ -220,11 +221,13 @@ class _TextStream:
                 continue
             self.ids[row].append(token)
             text = self.tokenizer.decode(self.ids[row])
-            cut = _cut(text, self.stop)
+            cut = cut_at_stop(text, self.stop)
             if len(cut) < len(text):
                 self.done[row] = True
             if text.endswith("\ufffd") and not self.done[row]:
                 continue  # wait for the rest of a multi-byte character
+            if not self.done[row]:
+                cut = cut[: len(cut) - _stop_prefix(cut, self.stop)]
             if len(cut) > len(self.sent[row]):
                 self.on_text(row, cut[len(self.sent[row]) :])
                 self.sent[row] = cut
@@ -237,3 +240,11 @@ class _TextStream:
             if len(text) > len(self.sent[row]):
                 self.on_text(row, text[len(self.sent[row]) :])
                 self.sent[row] = text
+
+
+def _stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """The length of the longest ending of ``text`` that begins a stop string (0: none)."""
+    return max(
+        (k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+        default=0,
+    )
