@@ -125,6 +125,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    srv = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with continuous batching",
+        description="Serve a run's newest checkpoint (--run), a Hugging Face model directory "
+        "(--hf) or an int8 model (--quantized): POST /v1/completions and "
+        "/v1/chat/completions (OpenAI API, streaming included), GET /v1/models, /health and "
+        "/metrics (Prometheus). Requests share a batch of --max-batch decode rows; SIGTERM "
+        "finishes the requests in flight and exits 0.",
+    )
+    srv_source = srv.add_mutually_exclusive_group(required=True)
+    srv_source.add_argument("--run", metavar="DIR", help="a run directory")
+    srv_source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+    srv_source.add_argument("--quantized", metavar="DIR", help="a directory from jaxtrain quantize")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default local)")
+    srv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    srv.add_argument("--max-batch", type=int, default=8, metavar="N", help="decode rows")
+    srv.add_argument(
+        "--max-len", type=int, metavar="L",
+        help="positions per request, prompt included (default: the model's, at most 2048)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--max-queue", type=int, default=64, metavar="N",
+        help="requests that may wait for a row; more get 429",
+    )  # fmt: skip
+    srv.add_argument(
+        "--prefill-chunk", type=int, default=256, metavar="T",
+        help="longest prompt chunk read between decode steps",
+    )  # fmt: skip
+    srv.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY")
+    srv.add_argument("--name", help="the model's name in the API (default: the directory's)")
+    srv.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, metavar="S",
+        help="on SIGTERM, wait at most S seconds for requests in flight",
+    )  # fmt: skip
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     quant = sub.add_parser(
         "quantize",
         help="write a run's or a Hugging Face model's matmul weights as int8 for generate",
@@ -301,7 +337,6 @@ def _read_run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jaxtrain.generate.api import Generator
     from jaxtrain.generate.beam import BeamConfig
     from jaxtrain.generate.sampling import SamplingConfig
 
@@ -323,13 +358,7 @@ def _generate(args: argparse.Namespace) -> int:
     beams = None
     if args.num_beams != 1:
         beams = BeamConfig(num_beams=args.num_beams, length_penalty=args.length_penalty)
-    _refuse_quantized(args)
-    if args.quantized:
-        generator = Generator.from_quantized(args.quantized)
-    elif args.run:
-        generator = Generator.from_run(args.run, args.overrides)
-    else:
-        generator = Generator.from_hf(args.hf)
+    generator = _load_generator(args)
     one = len(prompts) == 1
 
     def show(row: int, text: str) -> None:
@@ -353,6 +382,33 @@ def _generate(args: argparse.Namespace) -> int:
         for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
             print(f"[{i}] {prompt}{text}")
     return 0
+
+
+def _load_generator(args: argparse.Namespace):
+    """The model of ``--run``, ``--hf`` or ``--quantized``, ready to generate."""
+    from jaxtrain.generate.api import Generator
+
+    _refuse_quantized(args)
+    if args.quantized:
+        return Generator.from_quantized(args.quantized)
+    if args.run:
+        return Generator.from_run(args.run, args.overrides)
+    return Generator.from_hf(args.hf)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from jaxtrain.serve.server import ServeOptions, check_options, serve
+
+    if args.overrides and not args.run:
+        raise UserError("--set: applies to --run only")
+    opts = ServeOptions(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
+        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+        name=args.name, shutdown_timeout=args.shutdown_timeout,
+    )  # fmt: skip
+    check_options(opts)
+    generator = _load_generator(args)
+    return serve(generator, Path(args.run or args.hf or args.quantized), opts)
 
 
 def _refuse_quantized(args: argparse.Namespace) -> None:
@@ -420,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _read_run(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "quantize":
             return _quantize(args)
         return _train(args, argv)

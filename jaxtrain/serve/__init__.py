@@ -1,0 +1,1 @@
+"""Serving: ``jaxtrain serve``, an OpenAI-compatible HTTP API over continuous batching."""
