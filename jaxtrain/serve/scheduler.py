@@ -112,9 +112,10 @@ class Scheduler:
         self._thread.join(timeout)
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; raises QueueFull when ``max_queue`` are already waiting."""
+        """Queue ``request``; raises QueueFull when ``max_queue`` are already waiting
+        besides those about to take the free rows."""
         with self._wake:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + self.rows.count(None):
                 raise QueueFull
             self.waiting.append(request)
             self.metrics.queue.set(len(self.waiting))
