@@ -204,3 +204,33 @@ def test_metrics_count_requests_and_latencies(server):
                   "jaxtrain_generated_tokens_per_second"):  # fmt: skip
         assert gauge in values
     assert json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["id"] == NAME
+
+
+def test_int8_model_serves_what_it_generates(model_dir, tmp_path):
+    from jaxtrain import cli
+
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", "--hf", str(model_dir), "--out", str(out)]) == 0
+    srv = Server("--quantized", str(out), "--max-batch", "4", "--max-len", str(MAX_LEN),
+                 "--prefill-chunk", "16", log=tmp_path / "server.log")  # fmt: skip
+    try:
+        srv.wait_ready()
+        cases = prompts(6)
+
+        async def ask_all():
+            async with httpx.AsyncClient(timeout=300) as client:
+                return await asyncio.gather(*[
+                    client.post(srv.url + "/v1/completions",
+                                json={"prompt": p, "max_tokens": n, "temperature": 0})
+                    for p, n in cases
+                ])  # fmt: skip
+
+        served = [r.json()["choices"][0]["text"] for r in asyncio.run(ask_all())]
+        generator = Generator.from_quantized(str(out))
+        assert served == [generator([p], max_new_tokens=n)[0] for p, n in cases]
+        chat = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+        })  # fmt: skip
+        assert chat.status_code == 200, chat.text  # the template came along with the tokenizer
+    finally:
+        assert srv.stop() == 0

@@ -12,7 +12,8 @@ head too), norms and biases keep their float dtype. The directory holds
 - ``model.safetensors``: every parameter under its path (``blocks/attn/wq``), an int8
   weight W as ``W/values`` (int8, W's shape) and ``W/scale`` (float32 ``[layers, G,
   C_out]``);
-- ``tokenizer.json``: the source's, when it has one (a run may use bytes).
+- ``tokenizer.json``: the source's, when it has one (a run may use bytes), with its
+  ``tokenizer_config.json`` and ``chat_template.jinja`` when they are there.
 
 Nothing is pickled. Generation puts the int8 arrays in device memory as they are.
 """
@@ -51,6 +52,7 @@ FORMAT = "jaxtrain-int8"
 META = "quantization.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # copied with the tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,10 @@ def save(quantized: Quantized, out: str | Path) -> None:
             name = "byte" if tokenizer.name == "byte" else TOKENIZER
             if name == TOKENIZER:
                 shutil.copyfile(tokenizer.name, staging / TOKENIZER)
+                for kept in CHAT_FILES:  # the chat template `jaxtrain serve` renders
+                    source = Path(tokenizer.name).parent / kept
+                    if source.is_file():
+                        shutil.copyfile(source, staging / kept)
         meta = {
             "format": FORMAT,
             "bits": BITS,
