@@ -397,6 +397,11 @@ def _load_generator(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    for module in ("fastapi", "uvicorn", "prometheus_client", "jinja2"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"serve: {module} is not installed; pip install 'jaxtrain[serve]'")
     from jaxtrain.serve.server import ServeOptions, check_options, serve
 
     if args.overrides and not args.run:

@@ -234,3 +234,28 @@ def test_int8_model_serves_what_it_generates(model_dir, tmp_path):
         assert chat.status_code == 200, chat.text  # the template came along with the tokenizer
     finally:
         assert srv.stop() == 0
+
+
+def test_bad_command_line_gets_one_line(tmp_path, capsys):
+    import socket
+
+    from serving import FIXTURES
+
+    from jaxtrain import cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    port = str(taken.getsockname()[1])
+    gpt2 = str(FIXTURES / "gpt2")
+    cases = [
+        (["--hf", gpt2, "--max-batch", "0"], "--max-batch"),
+        (["--hf", gpt2, "--max-len", "100"], "--max-len"),  # 32 learned positions
+        (["--hf", gpt2, "--port", port], "--port"),
+        (["--hf", str(tmp_path)], "--hf"),
+        (["--hf", gpt2, "--set", "train.steps=1"], "--set"),
+    ]
+    for args, key in cases:
+        assert cli.main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"jaxtrain: error: {key}") and err.count("\n") == 1, err
+    taken.close()
