@@ -50,7 +50,9 @@ class Server:
 
     def __init__(self, *args: str, log: Path):
         exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        # JAX_LOG_COMPILES: every compilation is a line of the log (compiles_after_ready).
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   JAX_LOG_COMPILES="1")  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen(
             [exe, "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
@@ -72,11 +74,17 @@ class Server:
             except httpx.TransportError:
                 status = None
             if status == 200:
+                self.ready_at = len(self.log.read_text())
                 return
             if status is not None:
                 self.health_before_ready.append(status)
             time.sleep(0.05)
         raise AssertionError(f"not ready in {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def compiles_after_ready(self) -> list[str]:
+        """The log's compilation lines since /health turned 200."""
+        lines = self.log.read_text()[self.ready_at :].splitlines()
+        return [line for line in lines if "Compiling" in line]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -204,6 +204,9 @@ def test_metrics_count_requests_and_latencies(server):
                   "jaxtrain_generated_tokens_per_second"):  # fmt: skip
         assert gauge in values
     assert json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["id"] == NAME
+    # Every test so far (prompts of many lengths, greedy and sampled, streams, stops,
+    # errors) ran on the programs compiled at start-up.
+    assert server.compiles_after_ready() == []
 
 
 def test_int8_model_serves_what_it_generates(model_dir, tmp_path):
