@@ -1,0 +1,168 @@
+"""Context parallelism: attention over a sequence sharded along the ``sequence`` mesh axis.
+
+Each of the ``n`` devices of the ``sequence`` axis holds ``L / n`` positions of every
+array: its queries, and the keys and values of the same positions. Two ways to let every
+query see every key it may:
+
+- ``ring`` (Liu et al., 2023, Ring Attention): the key/value blocks travel around the
+  ring with ``ppermute``; at each of the ``n`` steps a device attends its queries to the
+  block it holds and folds the partial result into a running one with the online-softmax
+  rule (running max ``m``, normaliser ``l``, unnormalised output ``o``; Milakov &
+  Gimelshein, 2018). No device ever holds more than one remote block, and autodiff of the
+  loop is a ring in the other direction. Grouped-query models send only their K/V heads.
+- ``all_gather``: gather the keys and values of the whole sequence, attend once. Simple,
+  and fine while one device can hold a whole sequence's K/V.
+
+Masks are computed from each token's index in the (unpermuted) sequence, which travels
+with its block, not from where the block sits: so the causal mask, sliding windows and
+segment ids (packed documents crossing shard boundaries) hold whatever order the
+positions are laid out in. That is what makes the zigzag layout (:func:`zigzag`) free:
+device ``i`` holds chunks ``i`` and ``2n - 1 - i`` of the sequence, so every device has
+the same share of unmasked (causal) work, and since a loss sums over tokens the
+permutation changes nothing but where tokens live.
+
+Shapes: B batch, L local query length, S local key length, N query heads, K kv heads
+(G = N / K per group), H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SEQUENCE = "sequence"  # the mesh axis the length is split over
+MODES = ("ring", "all_gather")
+
+
+def zigzag(length: int, ways: int) -> np.ndarray:
+    """The order of the ``length`` positions laid out over ``ways`` devices so each gets
+    chunks ``i`` and ``2 * ways - 1 - i`` of ``2 * ways`` equal chunks: ``x[..., order]``
+    permutes a sequence into that layout, and device ``i`` then holds
+    ``order[i * length // ways : (i + 1) * length // ways]``.
+
+    Raises:
+        ValueError: if ``2 * ways`` does not divide ``length``.
+    """
+    if length % (2 * ways):
+        raise ValueError(f"zigzag needs 2 x {ways} chunks to divide the length {length}")
+    chunks = np.arange(length).reshape(2 * ways, length // (2 * ways))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * ways - 1 - i]])
+                           for i in range(ways)])  # fmt: skip
+
+
+def _visible(
+    q_index: jax.Array,
+    k_index: jax.Array,
+    q_segments: jax.Array | None,
+    k_segments: jax.Array | None,
+    causal: bool,
+    window: int | None,
+) -> jax.Array:
+    """[B or 1, 1, 1, L, S] bool: where a query may see a key, from their sequence
+    indices [L] and [S] and segment ids [B, L] and [B, S]."""
+    q, k = q_index[:, None], k_index[None, :]
+    mask = jnp.ones((q_index.shape[0], k_index.shape[0]), bool)
+    if causal:
+        mask &= k <= q
+    if window is not None:
+        mask &= q - k < window
+        if not causal:
+            mask &= k - q < window
+    mask = mask[None, None, None]
+    if q_segments is not None:
+        mask = mask & (q_segments[:, :, None] == k_segments[:, None, :])[:, None, None]
+    return mask
+
+
+def _block(q, k, v, q_index, k_index, q_segments, k_segments, *, causal, window, scale):
+    """The partial attention of queries q [B, L, N, H] to one key block: (unnormalised
+    output [B, K, G, L, H], row max m and normaliser l [B, K, G, L]), float32. A row that
+    sees none of the block has m = -inf, l = 0, output 0."""
+    b, length, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, length, kv, n // kv, h)
+    scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k, preferred_element_type=jnp.float32) * scale
+    visible = _visible(q_index, k_index, q_segments, k_segments, causal, window)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1)
+    safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(visible, jnp.exp(scores - safe[..., None]), 0.0)
+    out = jnp.einsum("BKGLS,BSKH->BKGLH", p.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)  # fmt: skip
+    return out, m, jnp.sum(p, axis=-1)
+
+
+def _fold(acc, part):
+    """Two partial results of the same queries combined (the online-softmax rule)."""
+    (o1, m1, l1), (o2, m2, l2) = acc, part
+    m = jnp.maximum(m1, m2)
+    safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    a1, a2 = jnp.exp(m1 - safe), jnp.exp(m2 - safe)
+    return o1 * a1[..., None] + o2 * a2[..., None], m, l1 * a1 + l2 * a2
+
+
+def _finish(q: jax.Array, o: jax.Array, l: jax.Array) -> jax.Array:
+    b, length, n, h = q.shape
+    out = o / l[..., None]  # [B, K, G, L, H]
+    return jnp.moveaxis(out, 3, 1).reshape(b, length, n, h).astype(q.dtype)
+
+
+def local_context_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_index: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    mode: str = "ring",
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    axis: str = SEQUENCE,
+) -> jax.Array:
+    """Attention of this device's queries to the whole sequence; called per device
+    (inside ``shard_map`` over ``axis``) on its local blocks.
+
+    Args:
+        q: [B, L, N, H] this device's queries.
+        k, v: [B, L, K, H] the keys and values of the same positions.
+        q_index: [L] int: each local position's index in the whole sequence.
+        segment_ids: optional [B, L] document ids of the local positions.
+        mode: "ring" or "all_gather".
+        causal, window, scale: as :func:`jaxtrain.kernels.attention.xla_attention`.
+        axis: the mesh axis the sequence is split over.
+
+    Returns:
+        [B, L, N, H] in q's dtype.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown context-parallel mode {mode!r}; expected one of {MODES}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    block = functools.partial(_block, causal=causal, window=window, scale=scale)
+    if mode == "all_gather":
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
+        keys = gather(k, axis=1), gather(v, axis=1), gather(q_index, axis=0)
+        k_segments = None if segment_ids is None else gather(segment_ids, axis=1)
+        o, _, l = block(q, *keys[:2], q_index, keys[2], segment_ids, k_segments)
+        return _finish(q, o, l)
+
+    ways = jax.lax.axis_size(axis)
+    shift = [(i, (i + 1) % ways) for i in range(ways)]
+    # Recomputed in the backward pass: only each step's running result is kept.
+    block = jax.checkpoint(block, prevent_cse=False)
+
+    def step(carry, _):
+        acc, (k, v, k_index, k_segments) = carry
+        travelling = jax.lax.ppermute((k, v, k_index, k_segments), axis, shift)
+        acc = _fold(acc, block(q, *travelling[:2], q_index, travelling[2], segment_ids,
+                               travelling[3]))  # fmt: skip
+        return (acc, travelling), None
+
+    acc = block(q, k, v, q_index, q_index, segment_ids, segment_ids)
+    carry = (acc, (k, v, q_index, segment_ids))
+    (acc, _), _ = jax.lax.scan(step, carry, None, length=ways - 1)
+    o, _, l = acc
+    return _finish(q, o, l)
