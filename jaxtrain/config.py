@@ -34,6 +34,8 @@ PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
 NONFINITE_ACTIONS = ("stop", "skip")
 GRAD_ACCUMULATIONS = ("sharded", "local")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
+CONTEXT_PARALLEL = ("ring", "all_gather")  # = sharding.context.MODES
+CONTEXT_FAMILIES = ("llama", "gpt2")  # causal decoders: context parallelism applies
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -119,6 +121,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention: str = "auto"
+    context_parallel: str = "ring"  # attention over mesh.sequence > 1: ring | all_gather
     head_dim: int = 0  # 0: d_model // n_heads (filled in on load)
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -203,6 +206,11 @@ class ModelConfig:
             f"must be one of {ATTENTION_IMPLS}",
         )
         _check(
+            self.context_parallel in CONTEXT_PARALLEL,
+            "model.context_parallel",
+            f"must be one of {CONTEXT_PARALLEL}",
+        )
+        _check(
             self.family != "t5" or self.attention in ("auto", "xla"),
             "model.attention",
             f"{self.attention!r} takes no additive score bias (t5's relative positions); "
@@ -219,31 +227,36 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh shape and the sharding preset that maps logical axes onto it.
 
-    ``data``, ``fsdp`` and ``tensor`` are the whole axis sizes; one may be ``-1``: it takes
-    all devices the others leave. In a multi-host run ``dcn_data`` and ``dcn_fsdp`` say how
-    many ways of the ``data`` / ``fsdp`` axis go across hosts (or TPU slices), over the
-    slower data-center network; the rest of each axis, and all of ``tensor``, stays within
-    a host. Both 1 (the default) lets JAX lay the axes out over all devices.
+    ``data``, ``fsdp``, ``sequence`` and ``tensor`` are the whole axis sizes; one may be
+    ``-1``: it takes all devices the others leave. ``sequence`` > 1 is context
+    parallelism: every activation's length is split over it (parameters are not; they
+    follow the preset), and attention runs as ``model.context_parallel`` says. In a
+    multi-host run ``dcn_data``, ``dcn_fsdp`` and ``dcn_sequence`` say how many ways of the
+    axis go across hosts (or TPU slices), over the slower data-center network; the rest of
+    each axis, and all of ``tensor``, stays within a host. All 1 (the default) lets JAX lay
+    the axes out over all devices.
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    sequence: int = 1
     preset: str = "fsdp"
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    dcn_sequence: int = 1
 
     def __post_init__(self) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = self._sizes()
         for name, size in sizes.items():
             _check(size == -1 or size >= 1, f"mesh.{name}", "must be >= 1 or -1 (fill)")
         _check(
             list(sizes.values()).count(-1) <= 1,
             "mesh",
-            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+            "at most one of mesh.data, mesh.fsdp, mesh.sequence, mesh.tensor may be -1",
         )
         _check(self.preset in PRESETS, "mesh.preset", f"must be one of {PRESETS}")
-        for name in ("dcn_data", "dcn_fsdp"):
+        for name in ("dcn_data", "dcn_fsdp", "dcn_sequence"):
             _check(getattr(self, name) >= 1, f"mesh.{name}", "must be >= 1")
         _check(
             self.tensor == 1 or self.preset == "fsdp_tp",
@@ -261,7 +274,7 @@ class MeshConfig:
         have = f"{n_devices} devices"
         if n_processes > 1:
             have += f" ({n_processes} processes x {n_devices // n_processes} local devices)"
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = self._sizes()
         fixed = math.prod(s for s in sizes.values() if s != -1)
         for name, size in sizes.items():
             if size == -1:
@@ -274,24 +287,29 @@ class MeshConfig:
         _check(
             math.prod(sizes.values()) == n_devices,
             "mesh",
-            f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = "
+            f"{'*'.join(sizes)} = {'*'.join(str(v) for v in sizes.values())} = "
             f"{math.prod(sizes.values())}, but there are {have}",
         )
-        for axis in ("data", "fsdp"):
+        for axis in ("data", "fsdp", "sequence"):
             ways = getattr(self, f"dcn_{axis}")
             _check(
                 sizes[axis] % ways == 0,
                 f"mesh.dcn_{axis}",
                 f"{ways} does not divide mesh.{axis}={sizes[axis]}",
             )
-        across = self.dcn_data * self.dcn_fsdp
+        across = self.dcn_data * self.dcn_fsdp * self.dcn_sequence
         _check(
             across == 1 or n_processes % across == 0,
             "mesh.dcn_data",
-            f"dcn_data*dcn_fsdp = {self.dcn_data}*{self.dcn_fsdp} = {across} host groups, "
-            f"but there are {have}; it must divide the process count",
+            f"dcn_data*dcn_fsdp*dcn_sequence = {self.dcn_data}*{self.dcn_fsdp}*"
+            f"{self.dcn_sequence} = {across} host groups, but there are {have}; it must "
+            "divide the process count",
         )
         return sizes
+
+    def _sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "sequence": self.sequence,
+                "tensor": self.tensor}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,6 +566,20 @@ class Config:
                 value % tensor == 0,
                 f"model.{key}",
                 f"{value} is not divisible by mesh.tensor={tensor}",
+            )
+        ways = sizes["sequence"]
+        if ways > 1:
+            _check(
+                self.model.family in CONTEXT_FAMILIES,
+                "mesh.sequence",
+                f"{ways}: context parallelism is implemented for model.family "
+                f"{' and '.join(CONTEXT_FAMILIES)}, not {self.model.family}",
+            )
+            _check(
+                self.data.seq_len % (2 * ways) == 0,
+                "data.seq_len",
+                f"{self.data.seq_len} is not divisible by 2 x mesh.sequence={ways} (each "
+                "device holds two chunks of every sequence)",
             )
         batch_shards = sizes["data"] * sizes["fsdp"]
         micro = self.train.global_batch // self.train.microbatches

@@ -1,8 +1,11 @@
 """Context parallelism: ring and all-gather attention over a sequence split 2, 4 or 8 ways
 give the reference attention's output and gradients (float32), causal or not, grouped
-queries, packed documents crossing shard boundaries, sliding windows, zigzag layout."""
+queries, packed documents crossing shard boundaries, sliding windows, zigzag layout; and
+whole packed training steps with mesh.sequence > 1 (alone, with fsdp, with tensor) give
+one device's losses and parameters."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from test_equivalence import STEPS, assert_same_run
 
 from jaxtrain.kernels.attention import xla_attention
 from jaxtrain.sharding.context import local_context_attention, zigzag
@@ -118,3 +122,96 @@ def test_zigzag_layout():
     ]  # fmt: skip
     with pytest.raises(ValueError):
         zigzag(12, 4)
+
+
+# Whole training steps: mesh.sequence > 1 (with fsdp, tensor) against one device.
+STEP_LAYOUTS = {
+    "sequence8": ("mesh.fsdp=1", "mesh.sequence=8"),
+    "sequence2_fsdp4": ("mesh.fsdp=4", "mesh.sequence=2"),
+    "sequence2_tensor2_fsdp2": (
+        "mesh.preset=fsdp_tp",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "mesh.sequence=2",
+    ),  # fmt: skip
+    "sequence8_all_gather": ("mesh.fsdp=1", "mesh.sequence=8", "model.context_parallel=all_gather"),
+}
+
+
+def packed_batches(program, n):
+    """``n`` batches of random tokens packed as documents of random lengths: segment ids
+    count up along each row and positions restart at every document."""
+    rng = np.random.default_rng(0)
+    vocab = program.config.model.vocab_size
+    rows, length = program.abstract_batch()["inputs"].shape
+    out = []
+    for _ in range(n):
+        starts = [np.sort(rng.choice(np.arange(1, length), 3, replace=False)) for _ in range(rows)]
+        segments = np.stack([np.searchsorted(s, np.arange(length), side="right") for s in starts])
+        first = np.stack(
+            [np.concatenate([[0], s])[seg] for s, seg in zip(starts, segments, strict=True)]
+        )
+        batch = {
+            "inputs": rng.integers(0, vocab, (rows, length), dtype=np.int32),
+            "targets": rng.integers(0, vocab, (rows, length), dtype=np.int32),
+            "segment_ids": (segments + 1).astype(np.int32),
+            "positions": (np.arange(length)[None] - first).astype(np.int32),
+            "weights": (rng.random((rows, length)) < 0.9).astype(np.float32),
+        }
+        assert set(batch) == set(program.abstract_batch())
+        out.append(batch)
+    return out
+
+
+def train(overrides, devices):
+    from jaxtrain import config
+    from jaxtrain.sharding import make_mesh
+    from jaxtrain.train import build_program
+
+    cfg = config.load(None, [*STEPS, "data.packing=true", *overrides])
+    program = build_program(cfg, make_mesh(cfg, devices))
+    state, losses = program.init_state(), []
+    for batch in packed_batches(program, cfg.train.steps):
+        state, metrics = program.train_step(state, jax.device_put(batch, program.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return (np.array(losses), state), program
+
+
+@functools.cache
+def one_device_packed():
+    return train(["mesh.fsdp=1"], jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("layout", STEP_LAYOUTS)
+def test_training_steps_equal_one_device(layout):
+    result, program = train(STEP_LAYOUTS[layout], jax.devices())
+    assert_same_run(result, one_device_packed())
+    if program.mesh.shape["sequence"] == 8:
+        # The ring sends K/V blocks [B, L/8, K, H] around (collective-permute) and
+        # gathers no K/V; all-gather mode gathers them. (The [B, L] batch arrays are
+        # gathered to be laid out zigzag.)
+        hlo = program.compile()[0].as_text()
+        kv = r"= f32\[\d+,\d+,\d+,\d+\]\S* "
+        gathered = re.findall(kv + "all-gather\\(", hlo)
+        permuted = re.findall(kv + "collective-permute\\(", hlo)
+        if "all_gather" in layout:
+            assert gathered and not permuted
+        else:
+            assert permuted and not gathered
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model.family=bert", "train.objective=mlm", "mesh.sequence=2"], "mesh.sequence"),
+        (["data.seq_len=12", "mesh.sequence=4"], "data.seq_len"),
+        (["mesh.sequence=3"], "mesh"),
+        (["model.context_parallel=ulysses"], "model.context_parallel"),
+    ],
+)
+def test_bad_context_parallel_config_names_its_key(overrides, key):
+    from jaxtrain import config
+    from jaxtrain.errors import UserError
+
+    with pytest.raises(UserError, match=f"^{re.escape(key)}"):
+        config.load(None, [*STEPS, *overrides]).check_devices(8)

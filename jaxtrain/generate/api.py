@@ -67,8 +67,9 @@ class Generator:
 
         tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
         # The parameters stay as the run shards them; a batch of prompts is too small to
-        # split over the batch axes, so the model is traced with its rows whole.
-        spec = model_spec(cfg, program.mesh, program.rules.within_batch_shard())
+        # split over the batch axes (and a step's one token over sequence), so the model
+        # is traced with its rows and length whole.
+        spec = model_spec(cfg, program.mesh, program.rules.for_generation())
         return cls(cfg.model, spec.graphdef, params, tokenizer)
 
     @classmethod

@@ -20,10 +20,13 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxtrain.config import RopeScalingConfig
+from jaxtrain.errors import UserError
 from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl, xla_attention
 from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.kv_cache import LAYER_CACHE_AXES, Step
 from jaxtrain.sharding import per_shard
+from jaxtrain.sharding.context import context_attention, sequence_ways
+from jaxtrain.sharding.partition import ActivationSharding
 
 Shard = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 Initializer = Callable[..., jax.Array]
@@ -207,12 +210,22 @@ def attend(
     window: int | None = None,
     scale: float | None = None,
     bias: jax.Array | None = None,
+    context: str = "ring",
 ) -> jax.Array:
     """Attention through the kernel dispatcher (:func:`jaxtrain.kernels.attention`).
 
     An opaque kernel (Pallas, cuDNN) cannot be partitioned by XLA, so it runs per shard:
-    each device gets its own rows and heads, with the length whole.
+    each device gets its own rows and heads, with the length whole. When the rules split
+    the length (context parallelism), attention is ``context`` (ring or all-gather) over
+    that split (:mod:`jaxtrain.sharding.context`).
     """
+    if isinstance(shard, ActivationSharding) and sequence_ways(shard.mesh, shard.rules) > 1:
+        if bias is not None:
+            raise UserError("mesh.sequence: context parallelism takes no attention score bias")
+        return context_attention(
+            q, k, v, segment_ids, shard=shard, mode=context, causal=causal, window=window,
+            scale=scale,
+        )  # fmt: skip
     impl = resolve_impl(
         impl, causal=causal, q_len=q.shape[1], k_len=k.shape[1], biased=bias is not None
     )
@@ -246,6 +259,7 @@ class Attention(nnx.Module):
         out_bias: a learned bias on the output projection (GPT-2).
         qk_norm_eps: RMSNorm q and k over H before RoPE, with this epsilon (Qwen3).
         window: each query sees only the ``window`` latest keys, itself included (Mistral).
+        context: attention when the length is split (``model.context_parallel``).
     """
 
     def __init__(
@@ -265,6 +279,7 @@ class Attention(nnx.Module):
         out_bias: bool = False,
         qk_norm_eps: float | None = None,
         window: int | None = None,
+        context: str = "ring",
     ):
         head_dim = head_dim or d_model // n_heads
         init = nnx.initializers.normal(0.02)
@@ -296,6 +311,7 @@ class Attention(nnx.Module):
         self.qkv_bias, self.out_bias, self.qk_norm = qkv_bias, out_bias, qk_norm_eps is not None
         self.window = window
         self.impl = impl
+        self.context = context
         self.compute_dtype = compute_dtype
         self.shard = shard
 
@@ -335,6 +351,7 @@ class Attention(nnx.Module):
             causal=True,
             segment_ids=segment_ids,
             window=self.window,
+            context=self.context,
         )
         return self._out(out)
 

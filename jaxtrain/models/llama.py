@@ -48,6 +48,7 @@ class Block(nnx.Module):
             cfg.n_kv_heads,
             out_std=out_std,
             impl=cfg.attention,
+            context=cfg.context_parallel,
             param_dtype=pdt,
             compute_dtype=cdt,
             shard=shard,

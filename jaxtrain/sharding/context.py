@@ -28,10 +28,15 @@ Shapes: B batch, L local query length, S local key length, N query heads, K kv h
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from jaxtrain.sharding.partition import ActivationSharding, partition_spec
+from jaxtrain.sharding.rules import Rules
 
 SEQUENCE = "sequence"  # the mesh axis the length is split over
 MODES = ("ring", "all_gather")
@@ -166,3 +171,60 @@ def local_context_attention(
     (acc, _), _ = jax.lax.scan(step, carry, None, length=ways - 1)
     o, _, l = acc
     return _finish(q, o, l)
+
+
+def sequence_ways(mesh: Mesh | None, rules: Rules | None) -> int:
+    """How many ways these rules split activations' length over ``mesh`` (1: not)."""
+    if mesh is None or rules is None or rules.lookup("length") != SEQUENCE:
+        return 1
+    return mesh.shape.get(SEQUENCE, 1)
+
+
+def zigzag_batch(batch: dict[str, Any], ways: int) -> dict[str, Any]:
+    """``batch`` laid out for ``ways``-way context parallelism: every [B, L] array
+    permuted along L by :func:`zigzag`, with ``positions`` (0..L-1 when the batch has
+    none) permuted too, so rotary and learned positions see each token where it was."""
+    inputs = batch["inputs"]
+    length = inputs.shape[1]
+    order = jnp.asarray(zigzag(length, ways), jnp.int32)
+    batch = dict(batch)
+    if batch.get("positions") is None:
+        batch["positions"] = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), inputs.shape)
+    return {
+        key: x if x is None or x.ndim < 2 or x.shape[1] != length else jnp.take(x, order, axis=1)
+        for key, x in batch.items()
+    }
+
+
+def context_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    shard: ActivationSharding,
+    mode: str,
+    causal: bool,
+    window: int | None,
+    scale: float | None,
+) -> jax.Array:
+    """Attention of q [B, L, N, H] to k, v [B, L, K, H] whose length is split over the
+    ``sequence`` axis of ``shard``'s mesh, laid out zigzag (:func:`zigzag_batch`); rows
+    and heads split as the rules say. Same contract as
+    :func:`jaxtrain.kernels.attention.xla_attention` in sequence order."""
+    mesh, rules = shard.mesh, shard.rules
+    index = jnp.asarray(zigzag(q.shape[1], mesh.shape[SEQUENCE]), jnp.int32)
+    heads = ("batch", "length", "act_heads", None)
+    kv_heads = ("batch", "length", "act_kv_heads", None)
+
+    def spec(axes, x):
+        return None if x is None else partition_spec(axes, x.shape, mesh, rules, where="attention")
+
+    local = functools.partial(local_context_attention, mode=mode, causal=causal,
+                              window=window, scale=scale)  # fmt: skip
+    mapped = jax.shard_map(
+        local, mesh=mesh, out_specs=spec(heads, q), check_vma=False,
+        in_specs=(spec(heads, q), spec(kv_heads, k), spec(kv_heads, v),
+                  spec(("length",), index), spec(("batch", "length"), segment_ids)),
+    )  # fmt: skip
+    return mapped(q, k, v, index, segment_ids)

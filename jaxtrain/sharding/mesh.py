@@ -1,10 +1,13 @@
 """Build the named device mesh (``data``, ``fsdp``, ``sequence``, ``tensor``) from config.
 
-``sequence`` is always present so rules can name it; it has size 1 until sequence
-parallelism lands. Axis order puts ``tensor`` innermost, so tensor-parallel groups sit on
-neighbouring devices (the fastest links on GPU nodes and TPU slices).
+``sequence`` splits every activation's length (context parallelism,
+:mod:`jaxtrain.sharding.context`); at size 1 it changes nothing. Axis order puts
+``tensor`` innermost, so tensor-parallel groups sit on neighbouring devices (the fastest
+links on GPU nodes and TPU slices), with ``sequence`` next to it: a ring's neighbours are
+close too.
 
-In a multi-host run, ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` > 1 build a hybrid mesh: those
+In a multi-host run, ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` / ``mesh.dcn_sequence`` > 1
+build a hybrid mesh: those
 ways of the axis span host groups (TPU slices, or runs of consecutive process ranks) and
 everything else, ``tensor`` included, stays on one host's fast interconnect. With
 ``dcn_fsdp`` > 1 and ``data`` > 1 a process holds several separate runs of batch rows (the
@@ -39,8 +42,8 @@ def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n_processes = len({d.process_index for d in devices})
     sizes = config.check_devices(len(devices), n_processes)
-    shape = (sizes["data"], sizes["fsdp"], 1, sizes["tensor"])
-    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, 1, 1)
+    shape = (sizes["data"], sizes["fsdp"], sizes["sequence"], sizes["tensor"])
+    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, config.mesh.dcn_sequence, 1)
     if math.prod(dcn) > 1:
         grid = _hybrid_grid(shape, dcn, devices)
     elif len(devices) == len(jax.devices()):

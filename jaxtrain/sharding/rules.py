@@ -20,7 +20,7 @@ MeshAxes = str | tuple[str, ...] | None
 # Logical names that may appear on activations; the same in every preset.
 _ACTIVATIONS: dict[str, MeshAxes] = {
     "batch": ("data", "fsdp"),
-    "length": None,
+    "length": "sequence",  # context parallelism; size 1 unless mesh.sequence > 1
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -70,11 +70,20 @@ class Rules:
 
     def within_batch_shard(self) -> Rules:
         """These rules for code that runs on one batch shard's rows (vmapped over the
-        batch axes, as local gradient accumulation does) or on a batch too small to split
-        (generation): ``batch`` maps to no mesh axis, everything else as here."""
+        batch axes, as local gradient accumulation does): ``batch`` maps to no mesh
+        axis, everything else as here."""
+        return self.unsplit("batch")
+
+    def for_generation(self) -> Rules:
+        """These rules for generation: a batch of prompts too small to split, and one
+        token per step, so neither ``batch`` nor ``length`` is split."""
+        return self.unsplit("batch", "length")
+
+    def unsplit(self, *names: str) -> Rules:
+        """These rules with the logical axes ``names`` mapped to no mesh axis."""
         return Rules(
-            params=tuple((k, None if k == "batch" else v) for k, v in self.params),
-            opt_state=tuple((k, None if k == "batch" else v) for k, v in self.opt_state),
+            params=tuple((k, None if k in names else v) for k, v in self.params),
+            opt_state=tuple((k, None if k in names else v) for k, v in self.opt_state),
         )
 
 

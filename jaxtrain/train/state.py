@@ -27,6 +27,7 @@ from jaxtrain.sharding import (
     param_logical_axes,
     tree_shardings,
 )
+from jaxtrain.sharding.context import sequence_ways
 
 
 @struct.dataclass
@@ -48,6 +49,7 @@ class ModelSpec:
     abstract_params: Any
     logical: Any
     param_shardings: Any
+    sequence_ways: int = 1  # context parallelism: batches are laid out zigzag
 
     def apply(self, params: Any, tokens: jax.Array, **kwargs: Any) -> jax.Array:
         """Run the model on a pure-dict ``params`` tree."""
@@ -62,7 +64,7 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
     logical = param_logical_axes(state)
     abstract_params = nnx.to_pure_dict(state)
     shardings = None if mesh is None else tree_shardings(abstract_params, logical, mesh, rules)
-    return ModelSpec(graphdef, abstract_params, logical, shardings)
+    return ModelSpec(graphdef, abstract_params, logical, shardings, sequence_ways(mesh, rules))
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.sharding.context import zigzag_batch
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
 from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
@@ -86,6 +87,8 @@ def _loss_sum(
     """(summed token loss, token count) of ``batch``, its logits formed for at most
     ``chunk_tokens`` tokens per device at a time (0: all at once), its rows split over
     ``row_shards`` devices."""
+    if spec.sequence_ways > 1:  # the sequence split over devices, two chunks each
+        batch = zigzag_batch(batch, spec.sequence_ways)
     hidden, head = spec.apply(
         params, batch["inputs"], dropout_key=key, return_hidden=True, **model_inputs(batch)
     )
