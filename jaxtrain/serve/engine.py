@@ -8,8 +8,10 @@ owns one row while it runs: its prompt is read into that row a chunk at a time
 at different positions, admitted at different times, share each step. Rows without a
 running request compute a token nobody reads, at a slot nothing reads.
 
-Every program is compiled when the engine starts (one per prefill bucket, one decode
-step): a new mix of requests never recompiles. Tokens are picked on the device, per row:
+Every program is compiled when the engine starts (one per prefill chunk length, one
+decode step per row count: a step runs the first R rows, R the power of two that covers
+the rows in use, so a lone request does not pay for a full batch): a new mix of requests
+never recompiles. Tokens are picked on the device, per row:
 greedy at temperature 0, else sampled after temperature and top-p, from a key folded from
 the request's seed and the token's index, so a seeded request repeats its text.
 """
@@ -40,14 +42,23 @@ def pick(
     the key of (``seeds[b]``, ``index[b]``)."""
     logits = logits.astype(jnp.float32)
     sampled = temperature > 0
-    scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
-    filtered = top_p_filter(scaled, top_p[:, None])
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(seed, i, row):
         return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), i), row)
 
-    draws = jax.vmap(draw)(seeds, index, filtered)
-    return jnp.where(sampled, draws, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    def sample(logits):
+        scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+        # Sorting the vocabulary is most of the cost: only when a row asks for top-p.
+        filtered = jax.lax.cond(
+            jnp.any(sampled & (top_p < 1.0)),
+            lambda x: top_p_filter(x, top_p[:, None]), lambda x: x, scaled,
+        )  # fmt: skip
+        draws = jax.vmap(draw)(seeds, index, filtered).astype(jnp.int32)
+        return jnp.where(sampled, draws, greedy)
+
+    # An all-greedy batch (the common case) skips sampling altogether.
+    return jax.lax.cond(jnp.any(sampled), sample, lambda _: greedy, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -85,10 +96,16 @@ def decode_rows(
     index: jax.Array,
     sampling: tuple[jax.Array, jax.Array, jax.Array],
 ) -> tuple[jax.Array, Any]:
-    """Feed each row's token ``tokens[b]`` at its slot ``slots[b]``; returns each row's
-    next token [B] (the ``index[b]``-th it generates) and the cache."""
+    """Feed the first R rows' tokens ``tokens[b]`` [R] at their slots ``slots[b]``;
+    returns each of those rows' next token [R] (the ``index[b]``-th it generates) and the
+    cache. The rows past R are not touched: a step costs what its occupied rows need."""
     model = nnx.merge(graphdef, params)
-    logits, cache = model.decode(tokens[:, None], cache, slots, jnp.zeros_like(slots))
+    rows = tokens.shape[0]
+    part = jax.tree.map(lambda c: c[:, :rows], cache)
+    logits, part = model.decode(tokens[:, None], part, slots, jnp.zeros_like(slots))
+    cache = jax.tree.map(
+        lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=1), cache, part
+    )
     seeds, temperature, top_p = sampling
     return pick(logits[:, 0], seeds, index, temperature, top_p), cache
 
@@ -104,12 +121,12 @@ def new_cache(graphdef: Any, params: Any, *, rows: int, slots: int) -> Any:
     return jax.tree.map(lambda c: model.shard(c, CACHE_AXES), cache)
 
 
-def prefill_buckets(chunk: int, smallest: int = 16) -> tuple[int, ...]:
-    """The chunk lengths prompts are read in: ``chunk`` and its quarters down to
-    ``smallest``, so a short prompt does not pay for a long chunk."""
-    sizes = [chunk]
-    while sizes[-1] // 4 >= smallest:
-        sizes.append(sizes[-1] // 4)
+def halvings(largest: int, smallest: int) -> tuple[int, ...]:
+    """``largest`` and its halvings down to ``smallest`` (or to ``largest`` itself when
+    that is smaller), ascending: the bucket sizes of a shape that varies."""
+    sizes = [largest]
+    while sizes[-1] // 2 >= smallest:
+        sizes.append(sizes[-1] // 2)
     return tuple(sorted(sizes))
 
 
@@ -127,16 +144,17 @@ class Engine:
                  chunk: int):  # fmt: skip
         self.graphdef, self.params = graphdef, params
         self.max_batch, self.max_len = max_batch, max_len
-        self.buckets = prefill_buckets(chunk)
+        self.buckets = halvings(chunk, 16)  # prefill chunk lengths
+        self.row_buckets = halvings(max_batch, 1)  # decode steps over the first R rows
         # A spare chunk past max_len takes the padded tail of a prompt's last chunk.
         self.slots = max_len + self.buckets[-1]
         self.cache = new_cache(graphdef, params, rows=max_batch, slots=self.slots)
         self._prefill: dict[int, Any] = {}
-        self._decode: Any = None
+        self._decode: dict[int, Any] = {}
 
     def compile(self) -> None:
-        """Compile every program the server will run (one per prefill bucket, one decode
-        step)."""
+        """Compile every program the server will run (one per prefill chunk length, one
+        decode step per row count)."""
         i32, f32 = jnp.int32, jnp.float32
         scalar = jax.ShapeDtypeStruct((), i32)
         sampling = (scalar, jax.ShapeDtypeStruct((), f32), jax.ShapeDtypeStruct((), f32))
@@ -145,11 +163,12 @@ class Engine:
             self._prefill[size] = prefill_chunk.lower(
                 self.graphdef, self.params, self.cache, scalar, tokens, scalar, scalar, sampling
             ).compile()
-        rows = jax.ShapeDtypeStruct((self.max_batch,), i32)
-        floats = jax.ShapeDtypeStruct((self.max_batch,), f32)
-        self._decode = decode_rows.lower(
-            self.graphdef, self.params, self.cache, rows, rows, rows, (rows, floats, floats)
-        ).compile()
+        for size in self.row_buckets:
+            rows = jax.ShapeDtypeStruct((size,), i32)
+            floats = jax.ShapeDtypeStruct((size,), f32)
+            self._decode[size] = decode_rows.lower(
+                self.graphdef, self.params, self.cache, rows, rows, rows, (rows, floats, floats)
+            ).compile()
 
     def bucket(self, remaining: int) -> int:
         """The chunk length for a prompt with ``remaining`` tokens still to read."""
@@ -171,10 +190,16 @@ class Engine:
 
     def decode(self, tokens: np.ndarray, slots: np.ndarray, index: np.ndarray,
                sampling: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:  # fmt: skip
-        """One step of every row: row b feeds ``tokens[b]`` at ``slots[b]``; returns each
-        row's next token."""
-        out, self.cache = self._decode(self.params, self.cache, tokens, slots, index, sampling)
+        """One step of the first R rows (``len(tokens)``, a row bucket: the rows in use
+        and the free ones below them): row b feeds ``tokens[b]`` at ``slots[b]``; returns
+        each row's next token."""
+        step = self._decode[len(tokens)]
+        out, self.cache = step(self.params, self.cache, tokens, slots, index, sampling)
         return np.asarray(out)
+
+    def rows_for(self, highest: int) -> int:
+        """The row bucket a step needs when row ``highest`` is the last one in use."""
+        return next(b for b in self.row_buckets if b > highest)
 
     @property
     def idle_slot(self) -> int:

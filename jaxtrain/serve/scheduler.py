@@ -184,7 +184,7 @@ class Scheduler:
         ]
         if not rows:
             return
-        n = self.engine.max_batch
+        n = self.engine.rows_for(max(r.row for r in rows))
         tokens, index = np.zeros(n, np.int32), np.zeros(n, np.int32)
         slots = np.full(n, self.engine.idle_slot, np.int32)
         seeds = np.zeros(n, np.int32)
