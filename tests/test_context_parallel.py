@@ -134,7 +134,6 @@ STEP_LAYOUTS = {
         "mesh.tensor=2",
         "mesh.sequence=2",
     ),  # fmt: skip
-    "sequence8_all_gather": ("mesh.fsdp=1", "mesh.sequence=8", "model.context_parallel=all_gather"),
 }
 
 
@@ -188,16 +187,11 @@ def test_training_steps_equal_one_device(layout):
     assert_same_run(result, one_device_packed())
     if program.mesh.shape["sequence"] == 8:
         # The ring sends K/V blocks [B, L/8, K, H] around (collective-permute) and
-        # gathers no K/V; all-gather mode gathers them. (The [B, L] batch arrays are
-        # gathered to be laid out zigzag.)
+        # gathers no K/V. (The [B, L] batch arrays are gathered to be laid out zigzag.)
         hlo = program.compile()[0].as_text()
         kv = r"= f32\[\d+,\d+,\d+,\d+\]\S* "
-        gathered = re.findall(kv + "all-gather\\(", hlo)
-        permuted = re.findall(kv + "collective-permute\\(", hlo)
-        if "all_gather" in layout:
-            assert gathered and not permuted
-        else:
-            assert permuted and not gathered
+        assert re.findall(kv + "collective-permute\\(", hlo)
+        assert not re.findall(kv + "all-gather\\(", hlo)
 
 
 @pytest.mark.parametrize(
@@ -215,3 +209,15 @@ def test_bad_context_parallel_config_names_its_key(overrides, key):
 
     with pytest.raises(UserError, match=f"^{re.escape(key)}"):
         config.load(None, [*STEPS, *overrides]).check_devices(8)
+
+
+def test_all_gather_mode_gathers_kv_instead_of_a_ring():
+    from jaxtrain import config
+    from jaxtrain.sharding import make_mesh
+    from jaxtrain.train import build_program
+
+    overrides = ["mesh.fsdp=1", "mesh.sequence=8", "model.context_parallel=all_gather"]
+    cfg = config.load(None, [*STEPS, "data.packing=true", *overrides])
+    program = build_program(cfg, make_mesh(cfg))
+    text = program.train_step.lower(program.abstract_state, program.abstract_batch()).as_text()
+    assert "all_gather" in text and "collective_permute" not in text
