@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxtrain", description="Train Transformer models with JAX/XLA SPMD.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def model_source(p: argparse.ArgumentParser) -> None:
+        """--run, --hf or --quantized: the model generate and serve read."""
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--run", metavar="DIR", help="a run directory")
+        source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+        source.add_argument("--quantized", metavar="DIR", help="a directory from jaxtrain quantize")
+
     def config_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", nargs="?", help="YAML config (default: the tiny CPU model)")
         p.add_argument(
@@ -102,10 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "quantize (--quantized). One prompt streams to the terminal as it is produced; "
         "several are generated as one batch.",
     )
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="DIR", help="a run directory")
-    source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
-    source.add_argument("--quantized", metavar="DIR", help="a directory from jaxtrain quantize")
+    model_source(gen)
     gen.add_argument("--prompt", action="append", default=[], metavar="TEXT")
     gen.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file: one prompt per line")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
@@ -134,10 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "/metrics (Prometheus). Requests share a batch of --max-batch decode rows; SIGTERM "
         "finishes the requests in flight and exits 0.",
     )
-    srv_source = srv.add_mutually_exclusive_group(required=True)
-    srv_source.add_argument("--run", metavar="DIR", help="a run directory")
-    srv_source.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
-    srv_source.add_argument("--quantized", metavar="DIR", help="a directory from jaxtrain quantize")
+    model_source(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default local)")
     srv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     srv.add_argument("--max-batch", type=int, default=8, metavar="N", help="decode rows")
