@@ -175,9 +175,12 @@ def test_candidates_cheapest_first():
     assert whys[0] == "shard the state over the data ways too"
     assert whys[1] == "rematerialise every layer"
     assert whys[2:4] == ["2 microbatches", "4 microbatches"]
-    assert whys[4] == "tensor parallel over 2" and whys[-1] == "all of the above"
-    first = candidates(cfg, 8)[0]
+    assert whys[4] == "context parallel over 2 (the length split)"
+    assert whys[5] == "tensor parallel over 2" and whys[-1] == "all of the above"
+    first, *_, context, _, everything = candidates(cfg, 8)
     assert first.overrides == ("mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1")
+    assert context.overrides == ("mesh.fsdp=2", "mesh.sequence=2")
+    assert not any("sequence" in o for o in everything.overrides)
     local = config.load(None, ["train.microbatches=2", "train.grad_accumulation=local"])
     assert candidates(local, 8)[0].overrides == ("train.grad_accumulation=sharded",)
 
@@ -220,3 +223,15 @@ def test_plan_table_and_one_line_errors(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("jaxtrain: error: --hbm: expected a size")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_context_parallel_divides_activation_memory():
+    """Two rows of 2048 tokens on 2 devices (fsdp), then on 8 with the length split 4
+    ways: the step's temporaries (activations, logits, gradients) fall about 4x."""
+    base = ["model.max_seq_len=2048", "data.seq_len=2048", "train.global_batch=2", "mesh.fsdp=2"]
+    temporaries = {}
+    for ways, devices in ((1, 2), (4, 8)):
+        cfg = config.load(None, [*base, f"mesh.sequence={ways}"])
+        program = build_program(cfg, make_mesh(cfg, jax.devices()[:devices]))
+        temporaries[ways] = make_plan(program).memory.temporaries
+    assert temporaries[4] < temporaries[1] / 3, temporaries

@@ -50,11 +50,29 @@ def candidates(cfg: Config, n_devices: int) -> list[Change]:
         micro = train.microbatches * factor
         if train.global_batch % micro == 0:
             out.append(Change(f"{micro} microbatches", (f"train.microbatches={micro}",)))
+    ways = sizes["sequence"] * 2
+    if (
+        cfg.model.family in config_lib.CONTEXT_FAMILIES
+        and sizes["fsdp"] % 2 == 0
+        and cfg.data.seq_len % (2 * ways) == 0
+    ):  # activations' length split further; the devices come from fsdp
+        out.append(
+            Change(
+                f"context parallel over {ways} (the length split)",
+                (f"mesh.fsdp={sizes['fsdp'] // 2}", f"mesh.sequence={ways}"),
+            )
+        )
     tensor = sizes["tensor"] * 2
     split = ("mesh.preset=fsdp_tp",) if mesh.preset != "fsdp_tp" else ()
     out.append(Change(f"tensor parallel over {tensor}", (*split, f"mesh.tensor={tensor}")))
     if len(out) > 1:
-        every = tuple(o for change in out for o in change.overrides if "microbatches" not in o)
+        every = tuple(
+            o
+            for change in out
+            if not change.why.startswith("context parallel")  # takes its devices from fsdp
+            for o in change.overrides
+            if "microbatches" not in o
+        )
         micro = next((c for c in reversed(out) if "microbatches" in c.why), None)
         combined = every + (micro.overrides if micro else ())
         out.append(Change("all of the above", tuple(dict.fromkeys(combined))))
