@@ -41,7 +41,7 @@ def sharded(ways, mode, causal, window, packed, layout):
     def local(q, k, v, index, segments):
         return local_context_attention(
             q, k, v, index, segments if packed else None, mode=mode, causal=causal,
-            window=window,
+            window=window, zigzag=layout == "zigzag",
         )  # fmt: skip
 
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, idx, seq),

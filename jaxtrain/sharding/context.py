@@ -19,7 +19,9 @@ segment ids (packed documents crossing shard boundaries) hold whatever order the
 positions are laid out in. That is what makes the zigzag layout (:func:`zigzag`) free:
 device ``i`` holds chunks ``i`` and ``2n - 1 - i`` of the sequence, so every device has
 the same share of unmasked (causal) work, and since a loss sums over tokens the
-permutation changes nothing but where tokens live.
+permutation changes nothing but where tokens live. With a causal mask in that layout the
+ring computes, at each step after the first, only the two quarter blocks that can be
+visible (:func:`_zigzag_step`): half the work of the whole block, the same on every device.
 
 Shapes: B batch, L local query length, S local key length, N query heads, K kv heads
 (G = N / K per group), H head dim.
@@ -127,6 +129,7 @@ def local_context_attention(
     window: int | None = None,
     scale: float | None = None,
     axis: str = SEQUENCE,
+    zigzag: bool = False,
 ) -> jax.Array:
     """Attention of this device's queries to the whole sequence; called per device
     (inside ``shard_map`` over ``axis``) on its local blocks.
@@ -139,6 +142,8 @@ def local_context_attention(
         mode: "ring" or "all_gather".
         causal, window, scale: as :func:`jaxtrain.kernels.attention.xla_attention`.
         axis: the mesh axis the sequence is split over.
+        zigzag: the positions are laid out by :func:`zigzag` (this device holds chunks i
+            and 2n-1-i); a causal ring then computes only the visible half of each block.
 
     Returns:
         [B, L, N, H] in q's dtype.
@@ -158,19 +163,58 @@ def local_context_attention(
     shift = [(i, (i + 1) % ways) for i in range(ways)]
     # Recomputed in the backward pass: only each step's running result is kept.
     block = jax.checkpoint(block, prevent_cse=False)
+    me = jax.lax.axis_index(axis)
+    skip = zigzag and causal
 
-    def step(carry, _):
-        acc, (k, v, k_index, k_segments) = carry
-        travelling = jax.lax.ppermute((k, v, k_index, k_segments), axis, shift)
-        acc = _fold(acc, block(q, *travelling[:2], q_index, travelling[2], segment_ids,
-                               travelling[3]))  # fmt: skip
-        return (acc, travelling), None
+    def step(carry, r):
+        acc, held = carry
+        held = jax.lax.ppermute(held, axis, shift)
+        if skip:
+            acc = _zigzag_step(acc, q, q_index, segment_ids, held, block, (me - r) % ways < me)
+        else:
+            k, v, k_index, k_segments = held
+            acc = _fold(acc, block(q, k, v, q_index, k_index, segment_ids, k_segments))
+        return (acc, held), None
 
     acc = block(q, k, v, q_index, q_index, segment_ids, segment_ids)
     carry = (acc, (k, v, q_index, segment_ids))
-    (acc, _), _ = jax.lax.scan(step, carry, None, length=ways - 1)
+    (acc, _), _ = jax.lax.scan(step, carry, jnp.arange(1, ways))
     o, _, l = acc
     return _finish(q, o, l)
+
+
+def _zigzag_step(acc, q, q_index, q_segments, held, block, earlier: jax.Array):
+    """A causal ring step in the zigzag layout, where this device holds chunks i (early)
+    and 2n-1-i (late) and the held block came from device j != i: its late queries see
+    all of j's early keys, its early queries none of j's late keys, and of the other two
+    pairs exactly one is visible (early with early when j < i, ``earlier``; late with
+    late when j > i). Two quarter blocks instead of the whole: every device does the same
+    half of the work at every step."""
+    k, v, k_index, k_segments = held
+    half = q.shape[1] // 2
+
+    def part(x, start, dim=1):
+        return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, half, dim)
+
+    def fold_at(acc, piece, start):
+        """Fold a partial result of queries [start, start + half) into theirs in acc."""
+        mine = tuple(jax.lax.dynamic_slice_in_dim(a, start, half, 3) for a in acc)
+        new = _fold(mine, piece)
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(a, n, start, 3)
+            for a, n in zip(acc, new, strict=True)
+        )
+
+    late, early = half, 0
+    acc = fold_at(acc, block(part(q, late), part(k, early), part(v, early),
+                             part(q_index, late, 0), part(k_index, early, 0),
+                             part(q_segments, late), part(k_segments, early)), late)  # fmt: skip
+    start = jnp.where(earlier, early, late)
+    both = block(
+        part(q, start), part(k, start), part(v, start), part(q_index, start, 0),
+        part(k_index, start, 0), part(q_segments, start), part(k_segments, start),
+    )  # fmt: skip
+    return fold_at(acc, both, start)
 
 
 def sequence_ways(mesh: Mesh | None, rules: Rules | None) -> int:
@@ -221,7 +265,7 @@ def context_attention(
         return None if x is None else partition_spec(axes, x.shape, mesh, rules, where="attention")
 
     local = functools.partial(local_context_attention, mode=mode, causal=causal,
-                              window=window, scale=scale)  # fmt: skip
+                              window=window, scale=scale, zigzag=True)  # fmt: skip
     mapped = jax.shard_map(
         local, mesh=mesh, out_specs=spec(heads, q), check_vma=False,
         in_specs=(spec(heads, q), spec(kv_heads, k), spec(kv_heads, v),
