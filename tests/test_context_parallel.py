@@ -33,7 +33,7 @@ def inputs(seed=0):
     return q, k, v, segments.astype(np.int32), cotangent
 
 
-def sharded(ways, mode, causal, window, packed, layout):
+def sharded(ways, mode, causal, window, packed, layout, query_chunk=512):
     mesh = Mesh(np.asarray(jax.devices()[:ways]), ("sequence",))
     order = zigzag(L, ways) if layout == "zigzag" else np.arange(L)
     seq, idx = P(None, "sequence"), P("sequence")
@@ -41,7 +41,7 @@ def sharded(ways, mode, causal, window, packed, layout):
     def local(q, k, v, index, segments):
         return local_context_attention(
             q, k, v, index, segments if packed else None, mode=mode, causal=causal,
-            window=window, zigzag=layout == "zigzag",
+            window=window, zigzag=layout == "zigzag", query_chunk=query_chunk,
         )  # fmt: skip
 
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, idx, seq),
@@ -81,15 +81,15 @@ CASES = {
     "causal window": (True, 7, False),
     "bidirectional window packed": (False, 5, True),
 }
-MATRIX = [  # (mode, ways, layout, case)
-    ("ring", 2, "zigzag", "causal packed"),
-    ("ring", 4, "contiguous", "causal packed"),
-    ("ring", 8, "zigzag", "causal packed"),
-    ("ring", 8, "zigzag", "bidirectional"),
-    ("ring", 4, "zigzag", "causal window"),
-    ("ring", 8, "contiguous", "bidirectional window packed"),
-    ("all_gather", 4, "zigzag", "causal"),
-    ("all_gather", 8, "zigzag", "bidirectional window packed"),
+MATRIX = [  # (mode, ways, layout, case, query chunk)
+    ("ring", 2, "zigzag", "causal packed", 4),  # 24 local queries, 12 per zigzag half
+    ("ring", 4, "contiguous", "causal packed", 3),
+    ("ring", 8, "zigzag", "causal packed", 512),
+    ("ring", 8, "zigzag", "bidirectional", 512),
+    ("ring", 4, "zigzag", "causal window", 512),
+    ("ring", 8, "contiguous", "bidirectional window packed", 512),
+    ("all_gather", 4, "zigzag", "causal", 4),
+    ("all_gather", 8, "zigzag", "bidirectional window packed", 512),
 ]
 
 
@@ -101,15 +101,14 @@ def expected(case):
 
 
 @pytest.mark.parametrize(
-    "mode,ways,layout,case", MATRIX, ids=["-".join(map(str, m)) for m in MATRIX]
+    "mode,ways,layout,case,chunk", MATRIX, ids=["-".join(map(str, m)) for m in MATRIX]
 )
-def test_context_parallel_attention_equals_the_reference(mode, ways, layout, case):
+def test_context_parallel_attention_equals_the_reference(mode, ways, layout, case, chunk):
     causal, window, packed = CASES[case]
     q, k, v, segments, cotangent = inputs()
     want, want_grads = expected(case)
-    got, got_grads = value_and_grads(
-        sharded(ways, mode, causal, window, packed, layout), q, k, v, segments, cotangent
-    )
+    ring = sharded(ways, mode, causal, window, packed, layout, chunk)
+    got, got_grads = value_and_grads(ring, q, k, v, segments, cotangent)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

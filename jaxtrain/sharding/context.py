@@ -42,6 +42,7 @@ from jaxtrain.sharding.rules import Rules
 
 SEQUENCE = "sequence"  # the mesh axis the length is split over
 MODES = ("ring", "all_gather")
+QUERY_CHUNK = 512  # queries whose scores against a whole key block are formed at once
 
 
 def zigzag(length: int, ways: int) -> np.ndarray:
@@ -102,6 +103,38 @@ def _block(q, k, v, q_index, k_index, q_segments, k_segments, *, causal, window,
     return out, m, jnp.sum(p, axis=-1)
 
 
+def _chunked_block(q, k, v, q_index, k_index, q_segments, k_segments, *, chunk, **mask):
+    """:func:`_block` a ``chunk`` of queries at a time (a scan, each chunk rematerialised
+    in the backward pass), so the scores held at once are [chunk, S], not [L, S]: what
+    lets a block of tens of thousands of positions fit. A length that ``chunk`` does not
+    divide is done whole."""
+    b, length, n, h = q.shape
+    if length <= chunk or length % chunk:
+        return _block(q, k, v, q_index, k_index, q_segments, k_segments, **mask)
+    count = length // chunk
+
+    def split(x, dim):
+        return (
+            None
+            if x is None
+            else jnp.moveaxis(x.reshape(*x.shape[:dim], count, chunk, *x.shape[dim + 1 :]), dim, 0)
+        )
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(_, xs):
+        q, q_index, q_segments = xs
+        return None, _block(q, k, v, q_index, k_index, q_segments, k_segments, **mask)
+
+    xs = (split(q, 1), split(q_index, 0), split(q_segments, 1))
+    _, (o, m, l) = jax.lax.scan(one, None, xs)  # [count, B, K, G, chunk, ...]
+
+    def join(x):
+        x = jnp.moveaxis(x, 0, 3)  # [B, K, G, count, chunk, ...]
+        return x.reshape(*x.shape[:3], length, *x.shape[5:])
+
+    return join(o), join(m), join(l)
+
+
 def _fold(acc, part):
     """Two partial results of the same queries combined (the online-softmax rule)."""
     (o1, m1, l1), (o2, m2, l2) = acc, part
@@ -130,6 +163,7 @@ def local_context_attention(
     scale: float | None = None,
     axis: str = SEQUENCE,
     zigzag: bool = False,
+    query_chunk: int = QUERY_CHUNK,
 ) -> jax.Array:
     """Attention of this device's queries to the whole sequence; called per device
     (inside ``shard_map`` over ``axis``) on its local blocks.
@@ -144,6 +178,7 @@ def local_context_attention(
         axis: the mesh axis the sequence is split over.
         zigzag: the positions are laid out by :func:`zigzag` (this device holds chunks i
             and 2n-1-i); a causal ring then computes only the visible half of each block.
+        query_chunk: queries per piece of a block's computation (bounds the scores held).
 
     Returns:
         [B, L, N, H] in q's dtype.
@@ -151,7 +186,9 @@ def local_context_attention(
     if mode not in MODES:
         raise ValueError(f"unknown context-parallel mode {mode!r}; expected one of {MODES}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    block = functools.partial(_block, causal=causal, window=window, scale=scale)
+    block = functools.partial(
+        _chunked_block, causal=causal, window=window, scale=scale, chunk=query_chunk
+    )
     if mode == "all_gather":
         gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
         keys = gather(k, axis=1), gather(v, axis=1), gather(q_index, axis=0)
