@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtrain.sharding.partition import ActivationSharding, partition_spec
+from jaxtrain.sharding.local import per_shard
+from jaxtrain.sharding.partition import ActivationSharding
 from jaxtrain.sharding.rules import Rules
 
 SEQUENCE = "sequence"  # the mesh axis the length is split over
@@ -293,19 +294,11 @@ def context_attention(
     ``sequence`` axis of ``shard``'s mesh, laid out zigzag (:func:`zigzag_batch`); rows
     and heads split as the rules say. Same contract as
     :func:`jaxtrain.kernels.attention.xla_attention` in sequence order."""
-    mesh, rules = shard.mesh, shard.rules
-    index = jnp.asarray(zigzag(q.shape[1], mesh.shape[SEQUENCE]), jnp.int32)
+    index = jnp.asarray(zigzag(q.shape[1], shard.mesh.shape[SEQUENCE]), jnp.int32)
     heads = ("batch", "length", "act_heads", None)
     kv_heads = ("batch", "length", "act_kv_heads", None)
-
-    def spec(axes, x):
-        return None if x is None else partition_spec(axes, x.shape, mesh, rules, where="attention")
-
     local = functools.partial(local_context_attention, mode=mode, causal=causal,
                               window=window, scale=scale, zigzag=True)  # fmt: skip
-    mapped = jax.shard_map(
-        local, mesh=mesh, out_specs=spec(heads, q), check_vma=False,
-        in_specs=(spec(heads, q), spec(kv_heads, k), spec(kv_heads, v),
-                  spec(("length",), index), spec(("batch", "length"), segment_ids)),
-    )  # fmt: skip
-    return mapped(q, k, v, index, segment_ids)
+    segments = None if segment_ids is None else ("batch", "length")
+    in_axes = (heads, kv_heads, kv_heads, ("length",), segments)
+    return per_shard(local, shard, in_axes, heads, out_like=0)(q, k, v, index, segment_ids)

@@ -23,11 +23,13 @@ def per_shard(
     shard: Any,
     in_axes: Sequence[Logical | None],
     out_axes: Logical,
+    out_like: int | None = None,
 ) -> Callable[..., jax.Array]:
     """``fn`` run per shard over ``shard``'s mesh, or ``fn`` itself when there is no mesh.
 
-    ``fn`` must compute each output block from the matching input blocks alone: it is
-    called once per device on local arrays. Dimensions named ``None`` are whole on every
+    ``fn`` must compute each output block from the matching input blocks alone, or with
+    collectives over the mesh's axes (then give ``out_like``): it is called once per
+    device on local arrays. Dimensions named ``None`` are whole on every
     device (the caller gathers them first), so naming the attention length ``None``
     keeps attention correct whatever the rules do with ``length``.
 
@@ -38,6 +40,9 @@ def per_shard(
         in_axes: logical axes of each positional argument; ``None`` for an argument that
             is ``None``.
         out_axes: logical axes of the output.
+        out_like: the output has the shape of this positional argument (needed when
+            ``fn`` uses collectives over the mesh's axes, which ``jax.eval_shape`` cannot
+            trace outside the mapped region); default: traced with ``jax.eval_shape``.
 
     Returns:
         A function with ``fn``'s signature.
@@ -60,7 +65,9 @@ def per_shard(
             None if x is None else spec(axes, x.shape, f"per_shard argument {i}")
             for i, (x, axes) in enumerate(zip(args, in_axes, strict=True))
         )
-        out_shape = jax.eval_shape(fn, *args).shape
+        out_shape = (
+            args[out_like].shape if out_like is not None else jax.eval_shape(fn, *args).shape
+        )
         out_spec = spec(out_axes, out_shape, "per_shard output")
         mapped = jax.shard_map(
             fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False
