@@ -110,11 +110,12 @@ class Step:
         if new.shape[1] != 1:
             raise ValueError("a step with a slot per row feeds one token per row")
         new = jnp.swapaxes(new.astype(cache.dtype), 1, 2)  # [B, K, 1, H]
-        held = layer_of(cache, layer)
-        entry = self.slot % cache.shape[3] if self.rolling else self.slot
         rows = jnp.arange(new.shape[0])
-        cache = cache.at[layer, rows, :, entry].set(new[:, :, 0])
-        attended = jnp.concatenate([held, new], axis=2) if self.rolling else layer_of(cache, layer)
+        if not self.rolling:
+            cache = cache.at[layer, rows, :, self.slot].set(new[:, :, 0])
+            return layer_of(cache, layer), cache
+        attended = jnp.concatenate([layer_of(cache, layer), new], axis=2)
+        cache = cache.at[layer, rows, :, self.slot % cache.shape[3]].set(new[:, :, 0])
         return attended, cache
 
 

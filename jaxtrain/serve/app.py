@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import secrets
 import threading
 import time
@@ -239,8 +240,6 @@ async def _stream(request: Request, updates: asyncio.Queue, reply: _Reply,
 
 
 def _sse(payload: dict) -> str:
-    import json
-
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 

@@ -61,6 +61,17 @@ def pick(
     return jax.lax.cond(jnp.any(sampled), sample, lambda _: greedy, logits)
 
 
+def _on_rows(cache: Any, first: jax.Array | int, count: int, decode) -> tuple[jax.Array, Any]:
+    """``decode(part)`` on cache rows ``first .. first + count`` alone; returns its logits
+    and the whole cache with those rows as it left them."""
+    part = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, first, count, axis=1), cache)
+    logits, part = decode(part)
+    cache = jax.tree.map(
+        lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, first, axis=1), cache, part
+    )
+    return logits, cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill_chunk(
     graphdef: Any,
@@ -76,10 +87,8 @@ def prefill_chunk(
     picked from the logits at chunk index ``last`` (the prompt's first new token when this
     is its final chunk) and the cache. ``sampling``: (seed, temperature, top_p) scalars."""
     model = nnx.merge(graphdef, params)
-    part = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, row, 1, axis=1), cache)
-    logits, part = model.decode(tokens, part, start, jnp.zeros((1,), jnp.int32))
-    cache = jax.tree.map(
-        lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, row, axis=1), cache, part
+    logits, cache = _on_rows(
+        cache, row, 1, lambda part: model.decode(tokens, part, start, jnp.zeros((1,), jnp.int32))
     )
     seed, temperature, top_p = (jnp.reshape(x, (1,)) for x in sampling)
     logits = jax.lax.dynamic_index_in_dim(logits[0], last, axis=0)  # [1, V]
@@ -100,12 +109,10 @@ def decode_rows(
     returns each of those rows' next token [R] (the ``index[b]``-th it generates) and the
     cache. The rows past R are not touched: a step costs what its occupied rows need."""
     model = nnx.merge(graphdef, params)
-    rows = tokens.shape[0]
-    part = jax.tree.map(lambda c: c[:, :rows], cache)
-    logits, part = model.decode(tokens[:, None], part, slots, jnp.zeros_like(slots))
-    cache = jax.tree.map(
-        lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=1), cache, part
-    )
+    logits, cache = _on_rows(
+        cache, 0, tokens.shape[0],
+        lambda part: model.decode(tokens[:, None], part, slots, jnp.zeros_like(slots)),
+    )  # fmt: skip
     seeds, temperature, top_p = sampling
     return pick(logits[:, 0], seeds, index, temperature, top_p), cache
 

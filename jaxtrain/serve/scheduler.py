@@ -161,7 +161,7 @@ class Scheduler:
                 ),
             )  # fmt: skip
         self.metrics.queue.set(len(self.waiting))
-        self.metrics.occupancy.set(sum(r is not None for r in self.rows) / len(self.rows))
+        self._count_occupancy()
 
     def _prefill(self) -> None:
         """One chunk of the request that has read the least of its prompt's earliest
@@ -224,4 +224,7 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         if 0 <= request.row < len(self.rows) and self.rows[request.row] is request:
             self.rows[request.row] = None
+        self._count_occupancy()
+
+    def _count_occupancy(self) -> None:
         self.metrics.occupancy.set(sum(r is not None for r in self.rows) / len(self.rows))

@@ -95,7 +95,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(generator: Any, source: Path, opts: ServeOptions) -> int:
-    """Serve ``generator``'s model (loaded from ``source``) until SIGTERM; returns 0."""
+    """Serve ``generator``'s model (loaded from ``source``) until SIGTERM; returns 0.
+    ``opts`` have passed :func:`check_options` (before the model was loaded)."""
     import uvicorn
 
     from jaxtrain.serve.app import ServerState, create_app
@@ -104,7 +105,6 @@ def serve(generator: Any, source: Path, opts: ServeOptions) -> int:
     from jaxtrain.serve.metrics import Metrics
     from jaxtrain.serve.scheduler import Scheduler
 
-    check_options(opts)
     max_len = model_limit(generator, opts.max_len, "--run/--hf/--quantized")
     state = ServerState(
         name=opts.name or source.resolve().name,
