@@ -24,9 +24,12 @@ from jaxtrain.config_file import DuplicateKey, parse_yaml, read_config
 from jaxtrain.errors import UserError, quote
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-# float16 needs loss scaling (its range underflows small gradients), which jaxtrain
-# does not have yet; bfloat16 has float32's range and needs none.
-DTYPES = ("float32", "bfloat16")
+# float16 compute needs loss scaling (its range underflows small gradients:
+# train.loss_scale); bfloat16 has float32's range and needs none. Parameters (the
+# optimizer's master copy) are float32 or bfloat16, never float16.
+DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+LOSS_SCALES = ("auto", "dynamic", "none")
 # JAX runs with 32-bit integers (x64 off): the step counter, token ids, positions and
 # shape arithmetic inside the program are int32, so every integer setting must fit.
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -189,17 +192,22 @@ class ModelConfig:
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _check(self.norm_eps > 0, "model.norm_eps", "must be positive")
         _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
-        for name in ("param_dtype", "compute_dtype"):
-            _check(
-                getattr(self, name) != "float16",
-                f"model.{name}",
-                "float16 needs loss scaling, which jaxtrain does not have yet; use bfloat16",
-            )
-            _check(
-                getattr(self, name) in DTYPES,
-                f"model.{name}",
-                f"must be one of {DTYPES}, got {quote(getattr(self, name))}",
-            )
+        _check(
+            self.param_dtype != "float16",
+            "model.param_dtype",
+            "float16 master weights lose every update under 2**-11 of a weight; keep "
+            "float32 (or bfloat16) and set model.compute_dtype=float16",
+        )
+        _check(
+            self.param_dtype in PARAM_DTYPES,
+            "model.param_dtype",
+            f"must be one of {PARAM_DTYPES}, got {quote(self.param_dtype)}",
+        )
+        _check(
+            self.compute_dtype in DTYPES,
+            "model.compute_dtype",
+            f"must be one of {DTYPES}, got {quote(self.compute_dtype)}",
+        )
         _check(
             self.attention in ATTENTION_IMPLS,
             "model.attention",
@@ -365,6 +373,36 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossScaleConfig:
+    """Dynamic loss scaling (:mod:`jaxtrain.train.loss_scale`). ``kind: auto`` scales
+    when ``model.compute_dtype`` is float16 and not otherwise; ``dynamic`` always; ``none``
+    never (refused with float16). The loss is multiplied by the scale, starting at
+    ``init``; a step with non-finite gradients is dropped and the scale divided by
+    ``factor`` (not below ``min``); ``period`` finite steps in a row multiply it by
+    ``factor``."""
+
+    kind: str = "auto"
+    init: float = 65536.0
+    period: int = 2000
+    factor: float = 2.0
+    min: float = 1.0
+
+    def __post_init__(self) -> None:
+        key = "train.loss_scale"
+        _check(self.kind in LOSS_SCALES, f"{key}.kind", f"must be one of {LOSS_SCALES}")
+        _check(
+            math.isfinite(self.init) and self.init > 0, f"{key}.init", "must be positive, finite"
+        )
+        _check(self.period > 0, f"{key}.period", "must be positive")
+        _check(math.isfinite(self.factor) and self.factor > 1, f"{key}.factor", "must exceed 1")
+        _check(
+            math.isfinite(self.min) and 0 < self.min <= self.init,
+            f"{key}.min",
+            f"must be positive and at most {key}.init={self.init}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Length of the run, batch size, accumulation, how often to log and evaluate, and
     the objective: ``causal_lm`` (next token), ``mlm`` (masked tokens, BERT) or
@@ -387,6 +425,9 @@ class TrainConfig:
     ``profile``: ``"A-B"`` writes a ``jax.profiler`` trace of steps A to B (counted from
     1, both included) into ``<run.dir>/profile`` (TensorBoard's profile tab, Perfetto);
     ``""``: none.
+
+    ``loss_scale``: dynamic loss scaling (:class:`LossScaleConfig`), on by default for
+    float16 compute.
     """
 
     steps: int = 150
@@ -401,6 +442,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096
     grad_accumulation: str = "sharded"
     profile: str = ""
+    loss_scale: LossScaleConfig = LossScaleConfig()
 
     def profile_steps(self) -> tuple[int, int] | None:
         """(first, last) step of ``profile``, or None."""
@@ -544,6 +586,12 @@ class Config:
             "train.objective",
             f"{objective} does not train a {family} model; use train.objective={want}",
         )
+        _check(
+            not (self.model.compute_dtype == "float16" and self.train.loss_scale.kind == "none"),
+            "train.loss_scale.kind",
+            "none with model.compute_dtype=float16 lets small gradients underflow to zero; "
+            "use auto or dynamic (or compute in bfloat16)",
+        )
         profiled = self.train.profile_steps()
         _check(
             profiled is None or profiled[1] <= self.train.steps,
@@ -555,6 +603,11 @@ class Config:
             "data.packing",
             "is not supported with train.objective=span_corruption (T5 rows are not packed)",
         )
+
+    def loss_scaling(self) -> bool:
+        """Whether the step scales its loss (``train.loss_scale``)."""
+        kind = self.train.loss_scale.kind
+        return kind == "dynamic" or (kind == "auto" and self.model.compute_dtype == "float16")
 
     def check_devices(self, n_devices: int, n_processes: int = 1) -> dict[str, int]:
         """Validate the parts that depend on the device count; return the mesh sizes."""

@@ -2,7 +2,9 @@
 
 A run killed with SIGKILL (between steps or in the middle of writing a checkpoint) or
 stopped with SIGTERM resumes from its last committed checkpoint to exactly the losses
-and parameters of a run that never stopped.
+and parameters of a run that never stopped. The killed runs compute in float16 with a
+dynamic loss scale that starts too high and keeps overflowing (steps 1-3, 7, 10), so the
+scale, its counters and the dropped updates must come back from the checkpoint exactly.
 """
 
 import json
@@ -39,8 +41,13 @@ RUN = [
 ]
 
 
+# float16 compute; the scale (2**16 at first) overflows, halves, and doubles again after
+# every 2 finite steps.
+KILLED = [*RUN, "model.compute_dtype=float16", "train.loss_scale.period=2"]
+
+
 def command(run_dir):
-    args = [a for item in RUN for a in ("--set", item)]
+    args = [a for item in KILLED for a in ("--set", item)]
     exe = str(Path(sys.executable).parent / "jaxtrain")
     return [exe, "train", *args, "--set", f"run.dir={run_dir}"]
 
@@ -59,8 +66,9 @@ def finish(run_dir):
 
 
 def losses(run_dir):
+    """{step: (loss, loss scale, overflows so far)} as logged."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: (r["loss"], r["loss_scale"], r["overflow_steps"]) for r in rows}
 
 
 def final_params(run_dir):
@@ -106,6 +114,7 @@ def reference(tmp_path_factory):
 def assert_identical(run_dir, reference):
     ref_losses, ref_params = reference
     assert losses(run_dir) == ref_losses  # bit-exact, every step
+    assert 0 < ref_losses[12][2] < 12  # the reference run overflowed, and trained
     jax.tree.map(np.testing.assert_array_equal, final_params(run_dir), ref_params)
 
 

@@ -82,12 +82,19 @@ def test_seed_bounds_are_accepted():
         assert config.load(None, [f"train.seed={seed}"]).train.seed == seed
 
 
-@pytest.mark.parametrize("key", ["model.compute_dtype", "model.param_dtype"])
-def test_float16_needs_loss_scaling(key):
-    assert refusal(None, [f"{key}=float16"]) == (
-        f"{key}: float16 needs loss scaling, which jaxtrain does not have yet; use bfloat16"
+def test_float16_computes_only_with_loss_scaling():
+    """float16 compute scales the loss by default and refuses to go without; float16
+    master weights are refused outright."""
+    assert refusal(None, ["model.compute_dtype=float16", "train.loss_scale.kind=none"]) == (
+        "train.loss_scale.kind: none with model.compute_dtype=float16 lets small gradients "
+        "underflow to zero; use auto or dynamic (or compute in bfloat16)"
     )
-    assert getattr(config.load(None, [f"{key}=bfloat16"]).model, key.split(".")[1]) == "bfloat16"
+    assert refusal(None, ["model.param_dtype=float16"]).startswith(
+        "model.param_dtype: float16 master weights lose every update"
+    )
+    assert config.load(None, ["model.compute_dtype=float16"]).loss_scaling()
+    assert not config.load(None, ["model.compute_dtype=bfloat16"]).loss_scaling()
+    assert config.load(None, ["train.loss_scale.kind=dynamic"]).loss_scaling()
 
 
 @pytest.mark.parametrize(
@@ -366,7 +373,11 @@ BAD_CLI = {
     "lr beyond float": (["train", "--set", "optim.lr=" + "9" * 400], {}, "optim.lr"),
     "5000-digit int": (["train", "--set", "train.steps=" + "9" * 5000], {}, "train.steps"),
     "10k-char value": (["train", "--set", "model.family=" + LONG], {}, "model.family"),
-    "float16": (["train", "--set", "model.compute_dtype=float16"], {}, "loss scaling"),
+    "float16 unscaled": (
+        ["train", "--set", "model.compute_dtype=float16", "--set", "train.loss_scale.kind=none"],
+        {},
+        "train.loss_scale.kind",
+    ),
     "unknown flag": (["train", "--bogus"], {}, "--bogus"),
     "launch: --nproc not a number": (["launch", "--nproc", "two", "--", "train"], {}, "--nproc"),
     "launch: too many processes": (["launch", "--nproc", "100000", "--", "train"], {}, "--nproc"),

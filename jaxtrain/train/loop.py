@@ -136,6 +136,11 @@ def check_fits(compiled: Any, devices: list[jax.Device]) -> None:
         )
 
 
+def _overflows(state: Any) -> int:
+    """The overflows counted so far by dynamic loss scaling (0 when it is off)."""
+    return 0 if state.loss_scale is None else int(jax.device_get(state.loss_scale.overflows))
+
+
 def _check_finite(first_step: int, pending: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
     for offset, metrics in enumerate(pending):
         for key in keys:
@@ -252,8 +257,12 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         every, eval_every = cfg.checkpoint.every, cfg.train.eval_every
         skipping = cfg.train.on_nonfinite == "skip"
         # Skipped updates leave the parameters finite; a non-finite norm then is a real fault.
+        # Under loss scaling non-finite gradients are an overflow the step already dropped.
         finite_keys = ("param_norm",) if skipping else ("loss", "grad_norm", "param_norm")
+        if cfg.loss_scaling():
+            finite_keys = tuple(k for k in finite_keys if k != "grad_norm")
         skipped_logged = int(jax.device_get(state.skipped))
+        overflows_logged = _overflows(state)
         profiler = StepProfiler(cfg.train.profile_steps(), run.path, console)
         try:
             # Batches are built ahead while earlier steps run, from `start` when resuming.
@@ -301,6 +310,14 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
                                 f"update(s); {record['skipped_steps']:.0f} in this run"
                             )
                             skipped_logged = int(record["skipped_steps"])
+                        if record.get("overflow_steps", 0) > overflows_logged:
+                            progress.note(
+                                f"step {done}: skipped "
+                                f"{record['overflow_steps'] - overflows_logged:.0f} update(s) "
+                                f"whose gradients overflowed; loss scale now "
+                                f"{record['loss_scale']:g}"
+                            )
+                            overflows_logged = int(record["overflow_steps"])
                         writer.write(done, record)
                         progress.update(done, record)
                         last_loss = record["loss"]

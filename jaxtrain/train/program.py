@@ -146,6 +146,7 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         microbatches=config.train.microbatches,
         skip_nonfinite=config.train.on_nonfinite == "skip",
         local=local_accumulation(config, mesh, rules, spec, batch_sharding),
+        scaling=config.train.loss_scale if config.loss_scaling() else None,
         **chunking,
     )
     train_step = jax.jit(

@@ -28,6 +28,7 @@ from jaxtrain.sharding import (
     tree_shardings,
 )
 from jaxtrain.sharding.context import sequence_ways
+from jaxtrain.train import loss_scale
 
 
 @struct.dataclass
@@ -39,6 +40,8 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     skipped: jax.Array  # updates dropped for a non-finite loss or gradient (train.on_nonfinite)
+    # Dynamic loss scaling (float16 compute); None, an empty subtree, when it is off.
+    loss_scale: loss_scale.LossScale | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,7 @@ def _init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable:
             opt_state=tx.init(params),
             rng=train_key,
             skipped=jnp.zeros((), jnp.int32),
+            loss_scale=loss_scale.initial(cfg.train.loss_scale) if cfg.loss_scaling() else None,
         )
 
     return init
@@ -109,6 +113,7 @@ def state_shardings(
         opt_state=opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules),
         rng=replicated,
         skipped=replicated,
+        loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
     )
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.config import LossScaleConfig
 from jaxtrain.sharding.context import zigzag_batch
+from jaxtrain.train import loss_scale
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
 from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
@@ -110,6 +112,7 @@ def make_train_step(
     loss_chunk_tokens: int = 0,
     row_shards: int = 1,
     local: LocalAccumulation | None = None,
+    scaling: LossScaleConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step for a model, an optimizer and an accumulation count.
 
@@ -119,21 +122,28 @@ def make_train_step(
     device at a time (:func:`jaxtrain.train.loss.chunked_cross_entropy_sum`), given that
     a batch's rows are split over ``row_shards`` devices. With ``local`` (and several
     microbatches) each batch shard accumulates its own gradients, reduced once per step.
+    With ``scaling`` the loss is scaled dynamically (:mod:`jaxtrain.train.loss_scale`):
+    ``state.loss_scale`` multiplies it before the backward pass and divides the gradients
+    after, and a step whose gradients are not finite drops its update and lowers the
+    scale.
     """
 
-    def grad_fn(params, batch, key, spec=spec, row_shards=row_shards):
-        """(float32 grads of the summed loss, summed loss, token count)."""
+    def grad_fn(params, batch, key, scale, spec=spec, row_shards=row_shards):
+        """(float32 grads of the summed loss times ``scale``, summed loss, token count);
+        ``scale`` None multiplies by nothing."""
 
         def loss_fn(params):
-            return _loss_sum(spec, params, batch, key, loss_chunk_tokens, row_shards)
+            loss_sum, count = _loss_sum(spec, params, batch, key, loss_chunk_tokens, row_shards)
+            scaled = loss_sum if scale is None else loss_sum * scale
+            return scaled, (loss_sum, count)
 
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count
 
-    def local_grads_and_loss(params, batch, key):
+    def local_grads_and_loss(params, batch, key, scale):
         """Each batch shard's gradient sum stays on its devices until the last microbatch."""
         shard_grads = jax.vmap(
-            functools.partial(grad_fn, spec=local.spec, row_shards=1),
+            functools.partial(grad_fn, scale=scale, spec=local.spec, row_shards=1),
             in_axes=(None, 0, 0),
             spmd_axis_name=local.axes,
         )
@@ -155,16 +165,16 @@ def make_train_step(
         grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
         return jax.lax.with_sharding_constraint(grads, spec.param_shardings), loss_sum, count
 
-    def grads_and_loss(params, batch, key):
+    def grads_and_loss(params, batch, key, scale):
         if microbatches == 1:
-            return grad_fn(params, batch, key)
+            return grad_fn(params, batch, key, scale)
         if local is not None:
-            return local_grads_and_loss(params, batch, key)
+            return local_grads_and_loss(params, batch, key, scale)
 
         def accumulate(carry, xs):
             grads, loss_sum, count = carry
             mb, index = xs
-            g, l, c = grad_fn(params, mb, jax.random.fold_in(key, index))
+            g, l, c = grad_fn(params, mb, jax.random.fold_in(key, index), scale)
             grads = jax.tree.map(jnp.add, grads, g)
             if spec.param_shardings is not None:
                 grads = jax.lax.with_sharding_constraint(grads, spec.param_shardings)
@@ -178,32 +188,47 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
-        grads, loss_sum, count = grads_and_loss(state.params, batch, key)
-        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
+        scale = None if scaling is None else state.loss_scale.scale
+        grads, loss_sum, count = grads_and_loss(state.params, batch, key, scale)
+        divisor = count if scale is None else count * scale
+        grads = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
+        finite_loss, finite_grads = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+        # Under loss scaling non-finite gradients are an overflow, routine and not a fault.
+        fault = ~finite_loss if scaling is not None else ~(finite_loss & finite_grads)
+        keep = finite_grads if scaling is not None else jnp.array(True)
         skipped = state.skipped
         if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = keep & ~fault
+            skipped = skipped + jnp.where(fault, 1, 0).astype(skipped.dtype)
+        if scaling is not None or skip_nonfinite:
             params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
+                lambda new, old: jnp.where(keep, new, old),
                 (params, opt_state),
                 (state.params, state.opt_state),
             )
-            skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
         metrics = {
             "loss": loss,
             # The rate this update applied: the schedule at the optimizer's own count,
-            # which a skipped step (on_nonfinite=skip) does not advance.
+            # which a skipped step (on_nonfinite=skip, an overflow) does not advance.
             "lr": lr_schedule(schedule_count(state.opt_state)),
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
             "skipped_steps": skipped,
         }
+        scaled = state.loss_scale
+        if scaling is not None:
+            scaled = loss_scale.advance(scaled, finite_grads, scaling)
+            metrics |= {"loss_scale": scaled.scale, "overflow_steps": scaled.overflows}
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            skipped=skipped,
+            loss_scale=scaled,
         )
         return new_state, metrics
 
