@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--params", action="store_true", help="also print every array's sharding")
+    plan.add_argument(
+        "--remat",
+        action="store_true",
+        help="also compile the step under every model.remat policy and compare their memory",
+    )
 
     for name, text in (
         ("eval", "validation loss of a run's newest checkpoint"),
@@ -255,6 +260,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             hbm=args.hbm,
             as_json=args.json,
             show_params=args.params,
+            compare_remat=args.remat,
         )
     if args.dry_run:
         from jaxtrain.plan import print_plan

@@ -23,7 +23,14 @@ import yaml
 from jaxtrain.config_file import DuplicateKey, parse_yaml, read_config
 from jaxtrain.errors import UserError, quote
 
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = (  # = models.remat.NAMES
+    "none",
+    "full",
+    "dots_saveable",
+    "save_qkvo_proj",
+    "save_dots_except_mlp_in",
+    "offload_dots",
+)
 # float16 compute needs loss scaling (its range underflows small gradients:
 # train.loss_scale); bfloat16 has float32's range and needs none. Parameters (the
 # optimizer's master copy) are float32 or bfloat16, never float16.

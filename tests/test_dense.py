@@ -73,7 +73,7 @@ def test_weight_gradient_is_reduced_in_float32():
 def test_dots_saveable_keeps_weight_matmuls():
     """The custom VJP hides the dot from dots_with_no_batch_dims_saveable; the policy
     named dots_saveable still saves its output instead of recomputing it."""
-    from jaxtrain.models.stack import REMAT_POLICIES
+    from jaxtrain.models.remat import POLICIES as REMAT_POLICIES
 
     def block(x, w1, w2):
         h = jnp.tanh(weight_einsum("BD,DF->BF", x, w1, jnp.bfloat16))

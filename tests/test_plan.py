@@ -10,11 +10,14 @@ import sys
 
 import jax
 import pytest
+from rich.console import Console
+from tiny import TINY
 
 from jaxtrain import config
 from jaxtrain.errors import UserError
 from jaxtrain.plan.fit import candidates
 from jaxtrain.plan.hlo import array_bytes, collective_traffic
+from jaxtrain.plan.remat import print_remat, remat_rows
 from jaxtrain.plan.report import make_plan
 from jaxtrain.plan.sizes import parse_size
 from jaxtrain.sharding import make_mesh
@@ -219,10 +222,27 @@ def test_plan_table_and_one_line_errors(tmp_path):
     assert "2 cpu devices" in proc.stdout
     for text in ("memory per device", "temporaries", "peak", "all-gather", "ZeRO ideal", "fits:"):
         assert text in proc.stdout, text
+
     proc = jaxtrain_plan("--hbm", "lots")
     assert proc.returncode == 2
     assert proc.stderr.startswith("jaxtrain: error: --hbm: expected a size")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_remat_rows_order_the_policies_by_what_they_save():
+    """``plan --remat``'s rows: saving less needs fewer temporaries (the tiny model's
+    programs, which test_remat.py compiles too)."""
+    cfg = config.load(None, list(TINY))
+    rows = remat_rows(cfg, lambda c: make_plan(build_program(c, make_mesh(c))), None)
+    temps = {row["remat"]: row["temporaries"] for row in rows}
+    assert list(temps) == list(config.REMAT_POLICIES)
+    assert temps["full"] < temps["save_qkvo_proj"] < temps["dots_saveable"] < temps["none"]
+    assert temps["save_dots_except_mlp_in"] == temps["save_qkvo_proj"]  # see models/remat.py
+    assert all(row["fits"] is None for row in rows)  # no memory size given
+    console = Console(record=True, width=200)
+    print_remat(rows, console, "none", "cpu")
+    table = console.export_text()
+    assert "none (this config)" in table and "offload_dots keeps its saved" in table
 
 
 def test_context_parallel_divides_activation_memory():

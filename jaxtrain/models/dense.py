@@ -8,9 +8,10 @@ backward pass forms the weight gradient with a float32 result (``preferred_eleme
 the matmul still reads bf16) and returns it for the float32 weight, so the cross-device
 sum runs in float32. The input gradient stays in the input's dtype.
 
-The output is named ``WEIGHT_MATMUL`` for rematerialisation policies: a custom VJP hides
-the dot from ``dots_with_no_batch_dims_saveable``, so the ``dots_saveable`` policy saves
-these names as well (``models/stack.py``).
+The output is named for rematerialisation policies (``name``: the projection it is, one
+of :data:`jaxtrain.models.remat.MATMULS`): a custom VJP hides the dot from
+``dots_with_no_batch_dims_saveable``, so the policies save these names
+(``models/remat.py``).
 
 An int8 :class:`~jaxtrain.models.quantized.QuantizedWeight` (generation from a quantized
 checkpoint) is dequantized to ``dtype`` here, inside the jitted program, right before the
@@ -27,8 +28,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtrain.models.quantized import QuantizedWeight
-
-WEIGHT_MATMUL = "weight_matmul"
+from jaxtrain.models.remat import WEIGHT_MATMUL
 
 
 def _operands(spec: str) -> tuple[str, str, str]:
@@ -60,9 +60,16 @@ def _backward(spec: str, dtype, w_dtype, residuals, g: jax.Array):
 _einsum.defvjp(_forward, _backward)
 
 
-def weight_einsum(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
+def weight_einsum(
+    spec: str,
+    x: jax.Array,
+    w: jax.Array | QuantizedWeight,
+    dtype,
+    name: str = WEIGHT_MATMUL,
+) -> jax.Array:
     """``einsum(spec, x, w.astype(dtype))`` with a float32 weight gradient; ``spec`` names
-    the activation first and the weight second. An int8 ``w`` is dequantized first."""
+    the activation first and the weight second; the output is named ``name`` for remat
+    policies. An int8 ``w`` is dequantized first."""
     if isinstance(w, QuantizedWeight):
-        return checkpoint_name(jnp.einsum(spec, x, w.dequantize(dtype)), WEIGHT_MATMUL)
-    return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype), w.dtype), WEIGHT_MATMUL)
+        return checkpoint_name(jnp.einsum(spec, x, w.dequantize(dtype)), name)
+    return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype), w.dtype), name)

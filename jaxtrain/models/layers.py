@@ -22,6 +22,7 @@ from flax import nnx, struct
 from jaxtrain.config import RopeScalingConfig
 from jaxtrain.errors import UserError
 from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl, xla_attention
+from jaxtrain.models import remat
 from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.kv_cache import LAYER_CACHE_AXES, Step
 from jaxtrain.sharding import per_shard
@@ -320,9 +321,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Project x [B, L, D] to q [B, L, N, H] and k, v [B, L, K, H]; bias, norm, rotate."""
         dt = self.compute_dtype
-        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], dt)
-        k = weight_einsum("BLD,DKH->BLKH", x, self.wk[...], dt)
-        v = weight_einsum("BLD,DKH->BLKH", x, self.wv[...], dt)
+        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], dt, remat.QUERY_PROJ)
+        k = weight_einsum("BLD,DKH->BLKH", x, self.wk[...], dt, remat.KEY_PROJ)
+        v = weight_einsum("BLD,DKH->BLKH", x, self.wv[...], dt, remat.VALUE_PROJ)
         if self.qkv_bias:
             q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         if self.qk_norm:
@@ -358,7 +359,7 @@ class Attention(nnx.Module):
     def _out(self, out: jax.Array) -> jax.Array:
         """The heads [B, L, N, H] projected back to [B, L, D]."""
         dt = self.compute_dtype
-        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt)
+        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt, remat.OUT_PROJ)
         return out + self.bo[...].astype(dt) if self.out_bias else out
 
     def decode(
@@ -416,10 +417,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        gate = weight_einsum("BLD,DF->BLF", x, self.w_gate[...], dt)
-        up = weight_einsum("BLD,DF->BLF", x, self.w_up[...], dt)
+        gate = weight_einsum("BLD,DF->BLF", x, self.w_gate[...], dt, remat.MLP_IN)
+        up = weight_einsum("BLD,DF->BLF", x, self.w_up[...], dt, remat.MLP_IN)
         hidden = self.shard(self.activation(gate) * up, ("batch", "length", "act_mlp"))
-        return weight_einsum("BLF,FD->BLD", hidden, self.w_down[...], dt)
+        return weight_einsum("BLF,FD->BLD", hidden, self.w_down[...], dt, remat.MLP_OUT)
 
 
 class GeluMLP(nnx.Module):
@@ -450,8 +451,9 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        hidden = weight_einsum("BLD,DF->BLF", x, self.w_in[...], dt) + self.b_in[...].astype(dt)
+        hidden = weight_einsum("BLD,DF->BLF", x, self.w_in[...], dt, remat.MLP_IN)
+        hidden = hidden + self.b_in[...].astype(dt)
         hidden = jax.nn.gelu(hidden, approximate=self.approximate)
         hidden = self.shard(hidden, ("batch", "length", "act_mlp"))
-        out = weight_einsum("BLF,FD->BLD", hidden, self.w_out[...], dt)
+        out = weight_einsum("BLF,FD->BLD", hidden, self.w_out[...], dt, remat.MLP_OUT)
         return out + self.b_out[...].astype(dt)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.kernels import xla_attention
+from jaxtrain.models import remat
 from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.layers import Shard, attend, param
 
@@ -123,7 +124,7 @@ class MultiHeadAttention(nnx.Module):
         return self._out(out)
 
     def _q(self, x: jax.Array) -> jax.Array:
-        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], self.compute_dtype)
+        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], self.compute_dtype, remat.QUERY_PROJ)
         if self.bias:
             q = q + self.bq[...].astype(self.compute_dtype)
         return self.shard(q, ("batch", "length", "act_heads", None))
@@ -131,8 +132,8 @@ class MultiHeadAttention(nnx.Module):
     def project_kv(self, source: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The keys and values [B, S, K, H] of ``source`` [B, S, D]."""
         dt = self.compute_dtype
-        k = weight_einsum("BSD,DKH->BSKH", source, self.wk[...], dt)
-        v = weight_einsum("BSD,DKH->BSKH", source, self.wv[...], dt)
+        k = weight_einsum("BSD,DKH->BSKH", source, self.wk[...], dt, remat.KEY_PROJ)
+        v = weight_einsum("BSD,DKH->BSKH", source, self.wv[...], dt, remat.VALUE_PROJ)
         if self.bias:
             k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         axes = ("batch", "length", "act_kv_heads", None)
@@ -140,7 +141,7 @@ class MultiHeadAttention(nnx.Module):
 
     def _out(self, out: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt)
+        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt, remat.OUT_PROJ)
         return out + self.bo[...].astype(dt) if self.bias else out
 
     def attend_to(

@@ -1,6 +1,7 @@
 """Stacked, scanned layers: build ``n`` blocks as one module whose parameters carry a
 leading ``layers`` axis, and run them with ``jax.lax.scan``, each block rematerialised
-per ``model.remat`` (Chen et al., 2016; BMTrain's CheckpointBlock). Compile time does not
+per ``model.remat`` (Chen et al., 2016; BMTrain's CheckpointBlock; the policies are in
+``models/remat.py``). Compile time does not
 grow with depth.
 
 Dimensions: B batch, L length, D model width.
@@ -15,17 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.models.dense import WEIGHT_MATMUL
 from jaxtrain.models.kv_cache import CACHE_AXES
-
-_policies = jax.checkpoint_policies
-REMAT_POLICIES = {
-    "full": _policies.nothing_saveable,
-    # Matmuls against weights: plain dots, and weight_einsum's (hidden by its custom VJP).
-    "dots_saveable": _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(WEIGHT_MATMUL)
-    ),
-}
+from jaxtrain.models.remat import POLICIES
 
 
 def stacked(make_block: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -58,7 +50,7 @@ def scan_blocks(
         return block(x, *args, key), None
 
     if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        body = jax.checkpoint(body, policy=POLICIES[remat], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (layers, keys))
     return x
 

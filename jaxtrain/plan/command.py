@@ -1,11 +1,12 @@
-"""``jaxtrain plan CONFIG [--devices N] [--hbm SIZE] [--json] [--params]``.
+"""``jaxtrain plan CONFIG [--devices N] [--hbm SIZE] [--json] [--params] [--remat]``.
 
 Compiles the real train step for the config's mesh on N devices (simulated CPU devices
 when N is given, by ``--devices`` or the config's ``target.devices``) and prints what it
 needs per device and moves per step; nothing is trained and nothing is allocated. With
 a memory size (``--hbm``, ``target.hbm_gib``, or for the devices present their own) it
 says whether the step fits with 10% headroom and, when it does not, compiles a few
-changes and names the cheapest that fits.
+changes and names the cheapest that fits. ``--remat`` also compiles the step under every
+``model.remat`` policy and compares their memory.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def plan_command(
     hbm: str | None = None,
     as_json: bool = False,
     show_params: bool = False,
+    compare_remat: bool = False,
 ) -> int:
     """Run ``jaxtrain plan``; ``argv`` is the command line, for a re-run on N devices."""
     n = cfg.target.devices if devices is None else devices
@@ -71,6 +73,12 @@ def plan_command(
         print_memory(plan, console, limit)
         print_traffic(plan, console)
         console.print(f"compiled in {plan.compile_s:.0f}s", style="dim", highlight=False)
+    if compare_remat:
+        from jaxtrain.plan.remat import print_remat, remat_rows
+
+        result["remat"] = remat_rows(cfg, _measure, limit)
+        if not as_json:
+            print_remat(result["remat"], console, cfg.model.remat, plan.platform)
     if limit:
         result["fits"] = plan.fits(limit)
         if not as_json:
