@@ -37,6 +37,7 @@ REMAT_POLICIES = (  # = models.remat.NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 LOSS_SCALES = ("auto", "dynamic", "none")
+OFFLOADS = ("none", "opt_state")  # where the optimizer state lives between steps
 # JAX runs with 32-bit integers (x64 off): the step counter, token ids, positions and
 # shape arithmetic inside the program are int32, so every integer setting must fit.
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -435,6 +436,9 @@ class TrainConfig:
 
     ``loss_scale``: dynamic loss scaling (:class:`LossScaleConfig`), on by default for
     float16 compute.
+
+    ``offload``: ``opt_state`` keeps the optimizer state in host memory, read onto the
+    devices for each update (:mod:`jaxtrain.train.offload`); ``none`` keeps it on them.
     """
 
     steps: int = 150
@@ -450,6 +454,7 @@ class TrainConfig:
     grad_accumulation: str = "sharded"
     profile: str = ""
     loss_scale: LossScaleConfig = LossScaleConfig()
+    offload: str = "none"
 
     def profile_steps(self) -> tuple[int, int] | None:
         """(first, last) step of ``profile``, or None."""
@@ -497,6 +502,7 @@ class TrainConfig:
             f"must be one of {NONFINITE_ACTIONS}",
         )
         _check(self.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}")
+        _check(self.offload in OFFLOADS, "train.offload", f"must be one of {OFFLOADS}")
         _check(
             self.loss_chunk_tokens >= 0,
             "train.loss_chunk_tokens",

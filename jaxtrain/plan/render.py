@@ -33,6 +33,9 @@ def print_memory(plan: Plan, console: Console, hbm: int | None) -> None:
         ("donated", -mem.aliased, "outputs written over the donated state"),
         ("temporaries", mem.temporaries, "activations, logits, gradients (XLA analysis)"),
     ]
+    if mem.host:
+        rows[1] = ("optimizer state", mem.optimizer, "AdamW moments and count, in host memory")
+        rows.append(("in host memory", -mem.host, "the offloaded state: not in the peak"))
     for name, size, what in rows:
         table.add_row(name, size_text(size), what)
     share = f"{mem.peak / hbm:.0%} of {size_text(hbm)}" if hbm else "no --hbm given"

@@ -38,7 +38,8 @@ class Memory:
     outputs: int
     aliased: int
     temporaries: int
-    peak: int  # arguments + outputs + temporaries - aliased
+    peak: int  # arguments + outputs + temporaries - aliased, less what is in host memory
+    host: int = 0  # between steps in host memory (train.offload), not on the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,10 @@ def make_plan(program: Program) -> Plan:
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     params, opt = state_plan(program)
+    host = sum(r.bytes_per_device for r in opt) if program.config.train.offload != "none" else 0
+    # XLA:CPU has one memory and counts host arguments (passed in, returned, donated) with
+    # the rest; on GPU/TPU its analysis keeps them apart (host_argument_size_in_bytes).
+    lumped = host if not stats.host_argument_size_in_bytes else 0
     memory = Memory(
         parameters=sum(r.bytes_per_device for r in params),
         optimizer=sum(r.bytes_per_device for r in opt),
@@ -113,7 +118,8 @@ def make_plan(program: Program) -> Plan:
         outputs=stats.output_size_in_bytes,
         aliased=stats.alias_size_in_bytes,
         temporaries=stats.temp_size_in_bytes,
-        peak=step_peak(stats),
+        peak=step_peak(stats) - lumped,
+        host=host,
     )
     cfg = program.config
     ideal = zero_ideal(

@@ -147,6 +147,7 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         skip_nonfinite=config.train.on_nonfinite == "skip",
         local=local_accumulation(config, mesh, rules, spec, batch_sharding),
         scaling=config.train.loss_scale if config.loss_scaling() else None,
+        offload=shardings.opt_state if config.train.offload == "opt_state" else None,
         **chunking,
     )
     train_step = jax.jit(

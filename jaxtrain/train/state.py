@@ -29,6 +29,7 @@ from jaxtrain.sharding import (
 )
 from jaxtrain.sharding.context import sequence_ways
 from jaxtrain.train import loss_scale
+from jaxtrain.train.offload import HOST, in_memory
 
 
 @struct.dataclass
@@ -107,10 +108,13 @@ def state_shardings(
     """(abstract state, its NamedShardings), without allocating anything."""
     abstract = jax.eval_shape(_init_fn(cfg, tx))
     replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules)
+    if cfg.train.offload == "opt_state":
+        opt_state = in_memory(opt_state, HOST)
     shardings = TrainState(
         step=replicated,
         params=spec.param_shardings,
-        opt_state=opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules),
+        opt_state=opt_state,
         rng=replicated,
         skipped=replicated,
         loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),

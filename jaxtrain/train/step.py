@@ -24,6 +24,7 @@ from jaxtrain.config import LossScaleConfig
 from jaxtrain.sharding.context import zigzag_batch
 from jaxtrain.train import loss_scale
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
+from jaxtrain.train.offload import fetch, store
 from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
 
@@ -113,6 +114,7 @@ def make_train_step(
     row_shards: int = 1,
     local: LocalAccumulation | None = None,
     scaling: LossScaleConfig | None = None,
+    offload: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step for a model, an optimizer and an accumulation count.
 
@@ -125,7 +127,8 @@ def make_train_step(
     With ``scaling`` the loss is scaled dynamically (:mod:`jaxtrain.train.loss_scale`):
     ``state.loss_scale`` multiplies it before the backward pass and divides the gradients
     after, and a step whose gradients are not finite drops its update and lowers the
-    scale.
+    scale. With ``offload`` (the optimizer state's shardings) the state arrives in host
+    memory, is read onto the devices for the update and leaves in host memory again.
     """
 
     def grad_fn(params, batch, key, scale, spec=spec, row_shards=row_shards):
@@ -187,6 +190,8 @@ def make_train_step(
         return grads, loss_sum, count
 
     def train_step(state: TrainState, batch: Batch):
+        if offload is not None:
+            state = state.replace(opt_state=fetch(state.opt_state, offload))
         key = jax.random.fold_in(state.rng, state.step)
         scale = None if scaling is None else state.loss_scale.scale
         grads, loss_sum, count = grads_and_loss(state.params, batch, key, scale)
@@ -223,6 +228,8 @@ def make_train_step(
         if scaling is not None:
             scaled = loss_scale.advance(scaled, finite_grads, scaling)
             metrics |= {"loss_scale": scaled.scale, "overflow_steps": scaled.overflows}
+        if offload is not None:
+            opt_state = store(opt_state, offload)
         new_state = state.replace(
             step=state.step + 1,
             params=params,

@@ -1,0 +1,35 @@
+"""Optimizer state in host memory (``train.offload: opt_state``; ZeRO-Offload's idea,
+BMTrain's ``AdamOffloadOptimizer``, Angel's ZeRO-Cache).
+
+The AdamW moments are two float32 copies of the parameters: under ZeRO-3 they are two
+thirds of the state a device holds. With offloading the state keeps them in host memory
+(JAX's ``pinned_host`` memory kind, laid out by the same shardings), the step reads them
+onto the device for the update and writes the new moments back, so between steps device
+memory holds the parameters (and, in the step, the activations) only; checkpoints read
+and write them where they live. XLA schedules the transfers; the numbers are the ones
+computed without offloading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+HOST = "pinned_host"
+DEVICE = "device"
+
+
+def in_memory(shardings: Any, kind: str) -> Any:
+    """``shardings`` (a tree of NamedShardings) placed in memory ``kind``."""
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
+def fetch(tree: Any, shardings: Any) -> Any:
+    """Inside the step: ``tree`` (in host memory) copied to the device, as ``shardings``."""
+    return jax.device_put(tree, in_memory(shardings, DEVICE))
+
+
+def store(tree: Any, shardings: Any) -> Any:
+    """Inside the step: ``tree`` written back to host memory, as ``shardings``."""
+    return jax.device_put(tree, in_memory(shardings, HOST))
