@@ -39,9 +39,16 @@ def random_batches(n: int, rows: int, seq_len: int, vocab: int, seed: int) -> li
     return batches
 
 
-def run(config: str, preset: str, steps: int, warmup: int, profile: str | None) -> dict:
+def run(
+    config: str,
+    preset: str,
+    steps: int,
+    warmup: int,
+    profile: str | None,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     """Compile and time the train step; return the raw measurements."""
-    cfg = load(config, PRESET_OVERRIDES[preset])
+    cfg = load(config, [*PRESET_OVERRIDES[preset], *overrides])
     mesh = make_mesh(cfg)
     program = build_program(cfg, mesh)
     n_params = count_params(program.spec.abstract_params)
@@ -96,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", metavar="DIR", help="trace 2 extra steps into DIR")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    result = run(args.config, args.preset, args.steps, args.warmup, args.profile)
+    result = run(args.config, args.preset, args.steps, args.warmup, args.profile, tuple(args.set))
     print(json.dumps(result))
 
 

@@ -190,14 +190,14 @@ def make_train_step(
         return grads, loss_sum, count
 
     def train_step(state: TrainState, batch: Batch):
-        if offload is not None:
-            state = state.replace(opt_state=fetch(state.opt_state, offload))
         key = jax.random.fold_in(state.rng, state.step)
         scale = None if scaling is None else state.loss_scale.scale
         grads, loss_sum, count = grads_and_loss(state.params, batch, key, scale)
         divisor = count if scale is None else count * scale
         grads = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # An offloaded optimizer state is read onto the devices for the update only.
+        old_opt = state.opt_state if offload is None else fetch(state.opt_state, offload)
+        updates, opt_state = tx.update(grads, old_opt, state.params)
         params = optax.apply_updates(state.params, updates)
         loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
         finite_loss, finite_grads = jnp.isfinite(loss), jnp.isfinite(grad_norm)
@@ -212,13 +212,13 @@ def make_train_step(
             params, opt_state = jax.tree.map(
                 lambda new, old: jnp.where(keep, new, old),
                 (params, opt_state),
-                (state.params, state.opt_state),
+                (state.params, old_opt),
             )
         metrics = {
             "loss": loss,
             # The rate this update applied: the schedule at the optimizer's own count,
             # which a skipped step (on_nonfinite=skip, an overflow) does not advance.
-            "lr": lr_schedule(schedule_count(state.opt_state)),
+            "lr": lr_schedule(schedule_count(old_opt)),
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
