@@ -105,7 +105,9 @@ class ModelConfig:
     after ``pad_id``). ``t5`` is the T5 v1.1 encoder-decoder (``n_layers`` each; relative
     position buckets); with ``tie_embeddings`` the LM head is the scaled embedding of the
     original T5. ``init_from: hf:/path`` starts a fresh run from a Hugging Face checkpoint
-    directory.
+    directory. ``remat`` names what each block saves for the backward pass
+    (``models/remat.py``); ``remat_fraction`` applies it to that share of the layers, the
+    first ones, and the rest save everything.
 
     Special token ids (for the byte tokenizer's defaults, ids past its 257 are free):
     ``mask_id`` replaces masked tokens (BERT; -1: ``vocab_size - 1``), ``sentinel_id`` is
@@ -129,6 +131,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
     remat: str = "none"
+    remat_fraction: float = 1.0  # the share of the layers (the first ones) model.remat applies to
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention: str = "auto"
@@ -146,6 +149,11 @@ class ModelConfig:
     sentinel_id: int = -1  # -1: vocab_size - 1 (filled in on load)
     decoder_start_id: int = 0
     init_from: str = ""
+
+    def remat_layers(self) -> int:
+        """How many of the first layers ``remat`` applies to (``remat_fraction`` of them,
+        rounded); the rest save every activation."""
+        return round(self.remat_fraction * self.n_layers)
 
     def __post_init__(self) -> None:
         _check(
@@ -200,6 +208,11 @@ class ModelConfig:
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _check(self.norm_eps > 0, "model.norm_eps", "must be positive")
         _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
+        _check(
+            0.0 <= self.remat_fraction <= 1.0,
+            "model.remat_fraction",
+            f"must be in [0, 1], got {self.remat_fraction}",
+        )
         _check(
             self.param_dtype != "float16",
             "model.param_dtype",

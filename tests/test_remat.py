@@ -9,6 +9,7 @@ from tiny import TINY
 
 from jaxtrain import config
 from jaxtrain.models import remat
+from jaxtrain.plan.report import make_plan
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
 from jaxtrain.train.state import model_spec
@@ -18,8 +19,8 @@ def test_the_config_offers_every_policy():
     assert config.REMAT_POLICIES == remat.NAMES
 
 
-def two_steps(policy):
-    cfg = config.load(None, [*TINY, f"model.remat={policy}"])
+def two_steps(policy, *extra):
+    cfg = config.load(None, [*TINY, f"model.remat={policy}", *extra])
     program = build_program(cfg, make_mesh(cfg))
     tokens = np.random.default_rng(0).integers(0, 128, (8, 17))
     batch = jax.device_put(
@@ -47,6 +48,24 @@ def test_policy_trains_like_no_remat(policy, no_remat):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, want_params
     )
+
+
+def test_a_fraction_of_the_layers_rematerialised():
+    """model.remat_fraction=0.5 of 4 layers: the first 2 are recomputed, the last 2 save
+    everything; the numbers are unchanged and the memory lies between the policies."""
+    layers = "model.n_layers=4"
+    rows, params = two_steps("full", layers, "model.remat_fraction=0.5")
+    want_rows, want_params = two_steps("none", layers)
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in want_rows], rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, want_params
+    )
+    temps = {}
+    for name, extra in {"none": [], "half": ["model.remat_fraction=0.5"], "full": []}.items():
+        remat_ = "none" if name == "none" else "full"
+        cfg = config.load(None, [*TINY, layers, f"model.remat={remat_}", *extra])
+        temps[name] = make_plan(build_program(cfg, make_mesh(cfg))).memory.temporaries
+    assert temps["full"] < temps["half"] < temps["none"], temps
 
 
 def saved(policy):

@@ -154,7 +154,13 @@ class Bert(nnx.Module):
         key, dropout_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = dropout(x, cfg.dropout, key)
         x = scan_blocks(
-            self.blocks, x, segment_ids, n=cfg.n_layers, remat=cfg.remat, dropout_key=dropout_key
+            self.blocks,
+            x,
+            segment_ids,
+            n=cfg.n_layers,
+            remat=cfg.remat,
+            dropout_key=dropout_key,
+            remat_layers=cfg.remat_layers(),
         )
         h = weight_einsum("BLD,DF->BLF", x, self.head_w[...], cdt)
         # Constrained like every hot activation: left free, XLA's SPMD partitioner gave

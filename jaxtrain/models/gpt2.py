@@ -130,6 +130,7 @@ class GPT2(nnx.Module, CachedDecoder):
             n=cfg.n_layers,
             remat=cfg.remat,
             dropout_key=dropout_key,
+            remat_layers=cfg.remat_layers(),
         )
         return self._head(x, return_hidden)
 

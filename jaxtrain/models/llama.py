@@ -155,6 +155,7 @@ class Llama(nnx.Module, CachedDecoder):
             n=cfg.n_layers,
             remat=cfg.remat,
             dropout_key=dropout_key,
+            remat_layers=cfg.remat_layers(),
         )
 
         return self._head(x, return_hidden)

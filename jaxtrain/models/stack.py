@@ -38,9 +38,16 @@ def scan_blocks(
     n: int,
     remat: str,
     dropout_key: jax.Array | None,
+    remat_layers: int | None = None,
 ) -> jax.Array:
     """``x`` [B, L, D] through the ``n`` stacked blocks, each called as
-    ``block(x, *args, key)`` with its own dropout key (None when not training)."""
+    ``block(x, *args, key)`` with its own dropout key (None when not training).
+
+    The first ``remat_layers`` blocks (all when None) are rematerialised per ``remat``
+    and the rest save everything (InternEvo's ``checkpoint: 0.5``): two scans over the
+    two slices of the stacked layers, so memory and recomputation sit between the two
+    policies.
+    """
     graphdef, layers = nnx.split(blocks)
     keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
@@ -49,10 +56,19 @@ def scan_blocks(
         block = nnx.merge(graphdef, layer_state)
         return block(x, *args, key), None
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=POLICIES[remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (layers, keys))
-    return x
+    def scan(x, xs, policy):
+        step = (
+            body
+            if policy == "none"
+            else jax.checkpoint(body, policy=POLICIES[policy], prevent_cse=False)
+        )
+        return jax.lax.scan(step, x, xs)[0]
+
+    k = n if remat_layers is None else remat_layers
+    if remat == "none" or k in (0, n):
+        return scan(x, (layers, keys), remat if k else "none")
+    x = scan(x, jax.tree.map(lambda a: a[:k], (layers, keys)), remat)
+    return scan(x, jax.tree.map(lambda a: a[k:], (layers, keys)), "none")
 
 
 def scan_decode(
