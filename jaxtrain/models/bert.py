@@ -153,15 +153,7 @@ class Bert(nnx.Module):
         x = self.shard(self.embed_norm(x).astype(cdt), ("batch", "length", "act_embed"))
         key, dropout_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = dropout(x, cfg.dropout, key)
-        x = scan_blocks(
-            self.blocks,
-            x,
-            segment_ids,
-            n=cfg.n_layers,
-            remat=cfg.remat,
-            dropout_key=dropout_key,
-            remat_layers=cfg.remat_layers(),
-        )
+        x = scan_blocks(self.blocks, x, segment_ids, cfg=cfg, dropout_key=dropout_key)
         h = weight_einsum("BLD,DF->BLF", x, self.head_w[...], cdt)
         # Constrained like every hot activation: left free, XLA's SPMD partitioner gave
         # wrong gradients (right logits) on a data x fsdp x tensor mesh (test_equivalence).

@@ -146,17 +146,7 @@ class Llama(nnx.Module, CachedDecoder):
         sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
         x = self.shard(x, ("batch", "length", "act_embed"))
-        x = scan_blocks(
-            self.blocks,
-            x,
-            sin,
-            cos,
-            segment_ids,
-            n=cfg.n_layers,
-            remat=cfg.remat,
-            dropout_key=dropout_key,
-            remat_layers=cfg.remat_layers(),
-        )
+        x = scan_blocks(self.blocks, x, sin, cos, segment_ids, cfg=cfg, dropout_key=dropout_key)
 
         return self._head(x, return_hidden)
 

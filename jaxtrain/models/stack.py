@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.config import ModelConfig
 from jaxtrain.models.kv_cache import CACHE_AXES
 from jaxtrain.models.remat import POLICIES
 
@@ -35,19 +36,18 @@ def scan_blocks(
     blocks: nnx.Module,
     x: jax.Array,
     *args: Any,
-    n: int,
-    remat: str,
+    cfg: ModelConfig,
     dropout_key: jax.Array | None,
-    remat_layers: int | None = None,
 ) -> jax.Array:
-    """``x`` [B, L, D] through the ``n`` stacked blocks, each called as
+    """``x`` [B, L, D] through the ``cfg.n_layers`` stacked blocks, each called as
     ``block(x, *args, key)`` with its own dropout key (None when not training).
 
-    The first ``remat_layers`` blocks (all when None) are rematerialised per ``remat``
-    and the rest save everything (InternEvo's ``checkpoint: 0.5``): two scans over the
-    two slices of the stacked layers, so memory and recomputation sit between the two
+    The first ``cfg.remat_layers()`` blocks are rematerialised per ``cfg.remat`` and the
+    rest save everything (InternEvo's ``checkpoint: 0.5``): two scans over the two
+    slices of the stacked layers, so memory and recomputation sit between the two
     policies.
     """
+    n, remat, k = cfg.n_layers, cfg.remat, cfg.remat_layers()
     graphdef, layers = nnx.split(blocks)
     keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
@@ -57,14 +57,11 @@ def scan_blocks(
         return block(x, *args, key), None
 
     def scan(x, xs, policy):
-        step = (
-            body
-            if policy == "none"
-            else jax.checkpoint(body, policy=POLICIES[policy], prevent_cse=False)
-        )
+        step = body
+        if policy != "none":
+            step = jax.checkpoint(body, policy=POLICIES[policy], prevent_cse=False)
         return jax.lax.scan(step, x, xs)[0]
 
-    k = n if remat_layers is None else remat_layers
     if remat == "none" or k in (0, n):
         return scan(x, (layers, keys), remat if k else "none")
     x = scan(x, jax.tree.map(lambda a: a[:k], (layers, keys)), remat)

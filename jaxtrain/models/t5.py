@@ -240,16 +240,7 @@ class T5(nnx.Module):
         y = dropout(y, cfg.dropout, keys[3])
         length = decoder_inputs.shape[1]
         bias = position_bias(self.decoder_bias[...], length, length, bidirectional=False, cfg=cfg)
-        y = scan_blocks(
-            self.decoder,
-            y,
-            encoded,
-            bias,
-            n=cfg.n_layers,
-            remat=cfg.remat,
-            dropout_key=keys[4],
-            remat_layers=cfg.remat_layers(),
-        )
+        y = scan_blocks(self.decoder, y, encoded, bias, cfg=cfg, dropout_key=keys[4])
         y = dropout(self.decoder_norm(y), cfg.dropout, keys[5])
         return self._head(y, return_hidden)
 
@@ -280,15 +271,7 @@ class T5(nnx.Module):
         bias = position_bias(self.encoder_bias[...], length, length, bidirectional=True, cfg=cfg)
         if pad is not None:
             bias = bias + padding_bias(pad, length)
-        x = scan_blocks(
-            self.encoder,
-            x,
-            bias,
-            n=cfg.n_layers,
-            remat=cfg.remat,
-            dropout_key=keys[1],
-            remat_layers=cfg.remat_layers(),
-        )
+        x = scan_blocks(self.encoder, x, bias, cfg=cfg, dropout_key=keys[1])
         return dropout(self.encoder_norm(x), cfg.dropout, keys[2])
 
     @staticmethod
