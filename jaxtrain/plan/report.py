@@ -106,13 +106,14 @@ def make_plan(program: Program) -> Plan:
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     params, opt = state_plan(program)
-    host = sum(r.bytes_per_device for r in opt) if program.config.train.offload != "none" else 0
+    optimizer = sum(r.bytes_per_device for r in opt)
+    host = optimizer if program.config.train.offload != "none" else 0
     # XLA:CPU has one memory and counts host arguments (passed in, returned, donated) with
     # the rest; on GPU/TPU its analysis keeps them apart (host_argument_size_in_bytes).
     lumped = host if not stats.host_argument_size_in_bytes else 0
     memory = Memory(
         parameters=sum(r.bytes_per_device for r in params),
-        optimizer=sum(r.bytes_per_device for r in opt),
+        optimizer=optimizer,
         gradients=_f32_gradient_bytes(program),
         arguments=stats.argument_size_in_bytes,
         outputs=stats.output_size_in_bytes,
