@@ -326,5 +326,11 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
+        # Orbax tidies old temporary directories on a thread of its own that only a save
+        # waits for, and its close does not: a run that stops before its first save would
+        # leave that thread running into interpreter shutdown, where it fails noisily.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         self._manager.wait_until_finished()
         self._manager.close()

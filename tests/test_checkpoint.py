@@ -7,6 +7,7 @@ dynamic loss scale that starts too high and keeps overflowing (steps 1-3, 7, 10)
 scale, its counters and the dropped updates must come back from the checkpoint exactly.
 """
 
+import asyncio
 import json
 import os
 import pickle
@@ -297,6 +298,23 @@ def test_resume_false_refuses_an_existing_run(tmp_path):
     train(small_config(tmp_path, "train.steps=3"), Console(quiet=True))
     with pytest.raises(UserError, match="run.dir"):
         train(small_config(tmp_path, "checkpoint.resume=false"), Console(quiet=True))
+
+
+def test_close_waits_for_orbaxs_tidying_thread(tmp_path, monkeypatch):
+    """A run that stops before its first save still closes cleanly: Orbax's tidying of
+    old temporary directories runs on a thread that must be done before close returns,
+    or it fails at interpreter shutdown after the CLI's one error line."""
+    from orbax.checkpoint._src.path import temporary_paths
+
+    done = []
+
+    async def slow_cleanup(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        done.append(True)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+    Checkpointer(tmp_path / "checkpoints", small_config(tmp_path).checkpoint).close()
+    assert done == [True]
 
 
 class Trap:
