@@ -94,6 +94,45 @@ class RopeScalingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts feed-forward in every block (``models/moe.py``), llama family.
+
+    ``num_experts`` 0 keeps the dense MLP. Each token goes to ``experts_per_token`` of
+    them, picked by a softmax router, their weights renormalised to sum to 1 when
+    ``renormalize`` (Mixtral; Qwen3-MoE's ``norm_topk_prob``). ``expert_mlp_dim`` is each
+    expert's SwiGLU width (0: ``model.mlp_dim``); ``shared_experts`` of that width see
+    every token (DeepSeekMoE). ``capacity_factor`` 0 is dropless; above 0 each expert
+    takes at most ``capacity_factor x tokens x experts_per_token / num_experts`` of a
+    device's tokens and drops the rest (GShard). The training loss adds
+    ``balance_weight`` x the load-balancing loss (Switch/Mixtral) and ``z_weight`` x the
+    router z-loss (ST-MoE), each averaged over the layers.
+    """
+
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_mlp_dim: int = 0
+    shared_experts: int = 0
+    capacity_factor: float = 0.0
+    renormalize: bool = True
+    balance_weight: float = 0.01
+    z_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        key = "model.moe"
+        _check(self.num_experts >= 0, f"{key}.num_experts", "must be >= 0 (0: a dense MLP)")
+        _check(
+            1 <= self.experts_per_token <= (self.num_experts or self.experts_per_token),
+            f"{key}.experts_per_token",
+            f"must be between 1 and model.moe.num_experts={self.num_experts}",
+        )
+        _check(self.expert_mlp_dim >= 0, f"{key}.expert_mlp_dim", "must be >= 0 (0: mlp_dim)")
+        _check(self.shared_experts >= 0, f"{key}.shared_experts", "must be >= 0")
+        _check(self.capacity_factor >= 0, f"{key}.capacity_factor", "must be >= 0 (0: dropless)")
+        for name in ("balance_weight", "z_weight"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Transformer of one ``family``.
 
@@ -141,6 +180,7 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int = 0  # 0: every earlier token is visible
     rope_scaling: RopeScalingConfig = RopeScalingConfig()
+    moe: MoEConfig = MoEConfig()
     type_vocab_size: int = 2  # bert, roberta: rows of the token-type embedding
     relative_buckets: int = 32  # t5: relative position buckets
     relative_max_distance: int = 128  # t5: distances from here on share the last bucket
@@ -193,6 +233,16 @@ class ModelConfig:
                 f"is a llama-family switch; model.family is {self.family}",
             )
         _check(self.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0: no window)")
+        if self.moe.num_experts:
+            _check(
+                self.family == "llama",
+                "model.moe.num_experts",
+                f"mixture-of-experts layers are built for the llama family, not {self.family}",
+            )
+            if not self.moe.expert_mlp_dim:  # a derived default, spelled out when saved
+                object.__setattr__(
+                    self, "moe", dataclasses.replace(self.moe, expert_mlp_dim=self.mlp_dim)
+                )
         for name in ("type_vocab_size", "relative_buckets", "relative_max_distance"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
         for name in ("mask_id", "sentinel_id"):
@@ -623,6 +673,16 @@ class Config:
             profiled is None or profiled[1] <= self.train.steps,
             "train.profile",
             f"{self.train.profile} runs past train.steps={self.train.steps}",
+        )
+        _check(
+            not (
+                self.model.moe.num_experts
+                and self.train.grad_accumulation == "local"
+                and self.train.microbatches > 1
+            ),
+            "train.grad_accumulation",
+            "local is not supported with model.moe (its grouped matmuls do not batch over "
+            "shards); use sharded",
         )
         _check(
             not (self.data.packing and objective == "span_corruption"),

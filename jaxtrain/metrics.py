@@ -73,15 +73,25 @@ def count_params(abstract_params: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
 
 
+def active_params(cfg: ModelConfig, n_params: int) -> int:
+    """The parameters one token passes through: all ``n_params`` of a dense model; with
+    experts, k of each layer's E experts (Mixtral's "active parameters")."""
+    moe = cfg.moe
+    idle = moe.num_experts - moe.experts_per_token if moe.num_experts else 0
+    return n_params - idle * 3 * cfg.d_model * moe.expert_mlp_dim * cfg.n_layers
+
+
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params + attention (PaLM's formula).
+    """Training FLOPs per token: 6 x non-embedding active params + attention (PaLM's
+    formula).
 
     The input embedding is a lookup, not a matmul, so it is excluded; a tied embedding
-    is also the output projection, so then it is counted.
+    is also the output projection, so then it is counted. Of a mixture of experts only
+    the k experts a token is routed to count (:func:`active_params`).
     """
     embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-    return 6 * (n_params - embedding) + attention
+    return 6 * (active_params(cfg, n_params) - embedding) + attention
 
 
 class MetricsWriter:

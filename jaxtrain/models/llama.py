@@ -13,6 +13,8 @@ Dimensions: B batch, L length, D model width, V vocabulary, H head dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,6 +34,7 @@ from jaxtrain.models.layers import (
     rope_tables,
     vocab_head,
 )
+from jaxtrain.models.moe import MoE, Stats
 from jaxtrain.models.stack import scan_blocks, scan_decode, stacked
 
 
@@ -59,9 +62,10 @@ class Block(nnx.Module):
             window=cfg.sliding_window or None,
         )
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
-        self.mlp = MLP(
+        kind, width = (MoE, cfg.moe) if cfg.moe.num_experts else (MLP, cfg.mlp_dim)
+        self.mlp = kind(
             cfg.d_model,
-            cfg.mlp_dim,
+            width,
             out_std=out_std,
             param_dtype=pdt,
             compute_dtype=cdt,
@@ -78,14 +82,17 @@ class Block(nnx.Module):
         cos: jax.Array,
         segment_ids: jax.Array | None,
         key: jax.Array | None,
-    ) -> jax.Array:
+    ) -> jax.Array | tuple[jax.Array, Stats]:
+        """The block's output; with experts, also their router statistics."""
         keys = (None, None) if key is None else jax.random.split(key)
         h = self.attn(self.attn_norm(x), sin, cos, segment_ids)
         x = x + dropout(h, self.dropout, keys[0])
         x = self.shard(x, ("batch", "length", "act_embed"))
         h = self.mlp(self.mlp_norm(x))
+        h, stats = h if isinstance(self.mlp, MoE) else (h, None)
         x = x + dropout(h, self.dropout, keys[1])
-        return self.shard(x, ("batch", "length", "act_embed"))
+        x = self.shard(x, ("batch", "length", "act_embed"))
+        return x if stats is None else (x, stats)
 
     def decode(
         self,
@@ -100,7 +107,8 @@ class Block(nnx.Module):
         dropout)."""
         h, cache = self.attn.decode(self.attn_norm(x), sin, cos, cache, layer, step)
         x = self.shard(x + h, ("batch", "length", "act_embed"))
-        x = x + self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x))
+        x = x + (h[0] if isinstance(self.mlp, MoE) else h)
         return self.shard(x, ("batch", "length", "act_embed")), cache
 
 
@@ -126,7 +134,8 @@ class Llama(nnx.Module, CachedDecoder):
         segment_ids: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
         return_hidden: bool = False,
-    ) -> jax.Array | tuple[jax.Array, VocabHead]:
+        with_stats: bool = False,
+    ) -> jax.Array | tuple[jax.Array, VocabHead] | tuple[Any, Stats]:
         """Logits [B, L, V] in float32 for int ``tokens`` [B, L].
 
         Args:
@@ -137,6 +146,9 @@ class Llama(nnx.Module, CachedDecoder):
             return_hidden: return ``(hidden, head)`` instead of the logits, where
                 ``head(hidden)`` [B, L, V] are the logits (for a loss that forms them a
                 chunk at a time: :mod:`jaxtrain.train.loss`).
+            with_stats: also return the experts' router statistics, each stacked over
+                the layers (:mod:`jaxtrain.models.moe`; empty for a dense model), as
+                ``(output, stats)``.
         """
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -147,8 +159,9 @@ class Llama(nnx.Module, CachedDecoder):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
         x = self.shard(x, ("batch", "length", "act_embed"))
         x = scan_blocks(self.blocks, x, sin, cos, segment_ids, cfg=cfg, dropout_key=dropout_key)
-
-        return self._head(x, return_hidden)
+        x, stats = x if cfg.moe.num_experts else (x, {})
+        out = self._head(x, return_hidden)
+        return (out, stats) if with_stats else out
 
     def _head(self, x: jax.Array, return_hidden: bool = False):
         x = self.final_norm(x)

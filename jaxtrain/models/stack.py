@@ -40,7 +40,9 @@ def scan_blocks(
     dropout_key: jax.Array | None,
 ) -> jax.Array:
     """``x`` [B, L, D] through the ``cfg.n_layers`` stacked blocks, each called as
-    ``block(x, *args, key)`` with its own dropout key (None when not training).
+    ``block(x, *args, key)`` with its own dropout key (None when not training). Blocks
+    that return ``(x, stats)`` (a tree of per-layer arrays) give ``(x, stats)``, each
+    stats array stacked over the layers [n, ...].
 
     The first ``cfg.remat_layers()`` blocks are rematerialised per ``cfg.remat`` and the
     rest save everything (InternEvo's ``checkpoint: 0.5``): two scans over the two
@@ -54,18 +56,22 @@ def scan_blocks(
     def body(x, layer):
         layer_state, key = layer
         block = nnx.merge(graphdef, layer_state)
-        return block(x, *args, key), None
+        out = block(x, *args, key)
+        return out if isinstance(out, tuple) else (out, None)
 
     def scan(x, xs, policy):
         step = body
         if policy != "none":
             step = jax.checkpoint(body, policy=POLICIES[policy], prevent_cse=False)
-        return jax.lax.scan(step, x, xs)[0]
+        return jax.lax.scan(step, x, xs)
 
     if remat == "none" or k in (0, n):
-        return scan(x, (layers, keys), remat if k else "none")
-    x = scan(x, jax.tree.map(lambda a: a[:k], (layers, keys)), remat)
-    return scan(x, jax.tree.map(lambda a: a[k:], (layers, keys)), "none")
+        x, stats = scan(x, (layers, keys), remat if k else "none")
+    else:
+        x, first = scan(x, jax.tree.map(lambda a: a[:k], (layers, keys)), remat)
+        x, rest = scan(x, jax.tree.map(lambda a: a[k:], (layers, keys)), "none")
+        stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, rest)
+    return x if stats is None else (x, stats)
 
 
 def scan_decode(

@@ -18,13 +18,18 @@ from jax.sharding import PartitionSpec
 from jaxtrain.sharding.partition import ActivationSharding, Logical, partition_spec
 
 
+def _is_logical(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, str | None) for n in x)
+
+
 def per_shard(
-    fn: Callable[..., jax.Array],
+    fn: Callable[..., Any],
     shard: Any,
     in_axes: Sequence[Logical | None],
-    out_axes: Logical,
+    out_axes: Any,
     out_like: int | None = None,
-) -> Callable[..., jax.Array]:
+    out_shapes: Any = None,
+) -> Callable[..., Any]:
     """``fn`` run per shard over ``shard``'s mesh, or ``fn`` itself when there is no mesh.
 
     ``fn`` must compute each output block from the matching input blocks alone, or with
@@ -39,10 +44,14 @@ def per_shard(
             with a mesh shards, anything else (``no_shard``) means one device.
         in_axes: logical axes of each positional argument; ``None`` for an argument that
             is ``None``.
-        out_axes: logical axes of the output.
+        out_axes: logical axes of the output; for a ``fn`` that returns a tree of
+            arrays, a tree of the same structure with one logical tuple per array
+            (``()`` for a scalar), and ``out_shapes`` must be given.
         out_like: the output has the shape of this positional argument (needed when
             ``fn`` uses collectives over the mesh's axes, which ``jax.eval_shape`` cannot
             trace outside the mapped region); default: traced with ``jax.eval_shape``.
+        out_shapes: the output's (global) shapes, a tree like ``out_axes`` of anything
+            with a ``shape``; instead of ``out_like``.
 
     Returns:
         A function with ``fn``'s signature.
@@ -65,13 +74,40 @@ def per_shard(
             None if x is None else spec(axes, x.shape, f"per_shard argument {i}")
             for i, (x, axes) in enumerate(zip(args, in_axes, strict=True))
         )
-        out_shape = (
-            args[out_like].shape if out_like is not None else jax.eval_shape(fn, *args).shape
-        )
-        out_spec = spec(out_axes, out_shape, "per_shard output")
+        if out_shapes is not None:
+            out_spec = jax.tree.map(
+                lambda axes, x: spec(axes, x.shape, "per_shard output"),
+                out_axes,
+                out_shapes,
+                is_leaf=_is_logical,
+            )
+        else:
+            out_shape = (
+                args[out_like].shape if out_like is not None else jax.eval_shape(fn, *args).shape
+            )
+            out_spec = spec(out_axes, out_shape, "per_shard output")
         mapped = jax.shard_map(
             fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False
         )
         return mapped(*args)
 
     return wrapped
+
+
+def mesh_sum(shard: Any, *names: str) -> Callable[[Any], Any]:
+    """Inside a :func:`per_shard` function: sums a tree of arrays over the devices that
+    split the logical dimensions ``names`` (``psum`` over their mesh axes), so a total
+    over tokens split by ``batch`` and ``length`` is the whole batch's on every device.
+    The identity without a mesh.
+    """
+    if not isinstance(shard, ActivationSharding) or shard.mesh is None or shard.rules is None:
+        return lambda tree: tree
+    axes: list[str] = []
+    for name in names:
+        mapped = shard.rules.lookup(name)
+        for axis in (mapped,) if isinstance(mapped, str) else tuple(mapped or ()):
+            if shard.mesh.shape[axis] > 1 and axis not in axes:
+                axes.append(axis)
+    if not axes:
+        return lambda tree: tree
+    return lambda tree: jax.tree.map(lambda x: jax.lax.psum(x, tuple(axes)), tree)

@@ -41,6 +41,8 @@ _REPLICATED: dict[str, MeshAxes] = {
     "positions": None,  # rows of a learned position table (GPT-2, BERT)
     "token_types": None,  # rows of BERT's token-type (segment A/B) table
     "rel_buckets": None,  # rows of T5's relative position bias table
+    "exp": None,  # the experts of a mixture-of-experts layer's stacked weights
+    "router": None,  # a router's output: one score per expert
 }
 
 _ZERO3 = _REPLICATED | {"embed": "fsdp"}

@@ -19,7 +19,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain import models
-from jaxtrain.config import Config
+from jaxtrain.config import Config, MoEConfig
 from jaxtrain.sharding import (
     ActivationSharding,
     Rules,
@@ -54,6 +54,7 @@ class ModelSpec:
     logical: Any
     param_shardings: Any
     sequence_ways: int = 1  # context parallelism: batches are laid out zigzag
+    moe: MoEConfig | None = None  # experts: the model reports router statistics
 
     def apply(self, params: Any, tokens: jax.Array, **kwargs: Any) -> jax.Array:
         """Run the model on a pure-dict ``params`` tree."""
@@ -68,7 +69,8 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
     logical = param_logical_axes(state)
     abstract_params = nnx.to_pure_dict(state)
     shardings = None if mesh is None else tree_shardings(abstract_params, logical, mesh, rules)
-    return ModelSpec(graphdef, abstract_params, logical, shardings, sequence_ways(mesh, rules))
+    moe = cfg.model.moe if cfg.model.moe.num_experts else None
+    return ModelSpec(graphdef, abstract_params, logical, shardings, sequence_ways(mesh, rules), moe)
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:

@@ -24,6 +24,7 @@ from jaxtrain.config import LossScaleConfig
 from jaxtrain.sharding.context import zigzag_batch
 from jaxtrain.train import loss_scale
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
+from jaxtrain.train.moe_loss import Sums, penalty, router_metrics, router_sums
 from jaxtrain.train.offload import fetch, store
 from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
@@ -86,21 +87,23 @@ def _loss_sum(
     key: jax.Array | None,
     chunk_tokens: int,
     row_shards: int,
-) -> tuple[jax.Array, jax.Array]:
-    """(summed token loss, token count) of ``batch``, its logits formed for at most
-    ``chunk_tokens`` tokens per device at a time (0: all at once), its rows split over
-    ``row_shards`` devices."""
+) -> tuple[jax.Array, jax.Array, Sums]:
+    """(summed token loss, token count, router sums) of ``batch``, its logits formed for
+    at most ``chunk_tokens`` tokens per device at a time (0: all at once), its rows split
+    over ``row_shards`` devices. The router sums (:mod:`jaxtrain.train.moe_loss`) are
+    empty for a dense model."""
     if spec.sequence_ways > 1:  # the sequence split over devices, two chunks each
         batch = zigzag_batch(batch, spec.sequence_ways)
-    hidden, head = spec.apply(
-        params, batch["inputs"], dropout_key=key, return_hidden=True, **model_inputs(batch)
-    )
+    kwargs = model_inputs(batch) | ({"with_stats": True} if spec.moe is not None else {})
+    out = spec.apply(params, batch["inputs"], dropout_key=key, return_hidden=True, **kwargs)
+    (hidden, head), stats = out if spec.moe is not None else (out, {})
     targets, weights = batch["targets"], batch.get("weights")
     rows, length = targets.shape
     chunks = chunk_count(-(-rows // row_shards), length, chunk_tokens)
-    return chunked_cross_entropy_sum(
+    loss_sum, count = chunked_cross_entropy_sum(
         hidden, head, targets, weights, chunks=chunks, row_shards=row_shards
     )
+    return loss_sum, count, router_sums(stats, count)
 
 
 def make_train_step(
@@ -132,16 +135,25 @@ def make_train_step(
     """
 
     def grad_fn(params, batch, key, scale, spec=spec, row_shards=row_shards):
-        """(float32 grads of the summed loss times ``scale``, summed loss, token count);
-        ``scale`` None multiplies by nothing."""
+        """(float32 grads of the summed loss, plus any experts' auxiliary losses, times
+        ``scale``; summed token loss; token count; router sums); ``scale`` None
+        multiplies by nothing."""
 
         def loss_fn(params):
-            loss_sum, count = _loss_sum(spec, params, batch, key, loss_chunk_tokens, row_shards)
-            scaled = loss_sum if scale is None else loss_sum * scale
-            return scaled, (loss_sum, count)
+            loss_sum, count, sums = _loss_sum(
+                spec, params, batch, key, loss_chunk_tokens, row_shards
+            )
+            objective = loss_sum + penalty(sums, spec.moe)
+            scaled = objective if scale is None else objective * scale
+            return scaled, (loss_sum, count, sums)
 
-        (_, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count
+        (_, (loss_sum, count, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count, sums
+
+    def zero_sums(fn, *args):
+        """Zeros shaped like the router sums ``fn(*args)`` returns (last), untraced."""
+        shapes = jax.eval_shape(fn, *args)[-1] if spec.moe is not None else {}
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def local_grads_and_loss(params, batch, key, scale):
         """Each batch shard's gradient sum stays on its devices until the last microbatch."""
@@ -152,21 +164,26 @@ def make_train_step(
         )
 
         def accumulate(carry, xs):
-            grads, loss_sum, count = carry
+            grads, loss_sum, count, sums = carry
             mb, index = xs
             keys = jax.random.split(jax.random.fold_in(key, index), local.shards)
-            g, l, c = shard_grads(params, mb, keys)
+            g, l, c, s = shard_grads(params, mb, keys)
             grads = jax.tree.map(jnp.add, grads, g)
             grads = jax.lax.with_sharding_constraint(grads, local.shardings)
-            return (grads, loss_sum + jnp.sum(l), count + jnp.sum(c)), None
+            sums = jax.tree.map(lambda a, b: a + jnp.sum(b, axis=0), sums, s)
+            return (grads, loss_sum + jnp.sum(l), count + jnp.sum(c), sums), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros((local.shards, *p.shape), jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, local.shardings)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         xs = (_per_shard_microbatches(batch, local.shards, microbatches), jnp.arange(microbatches))
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, xs)
+        first = jax.tree.map(lambda x: x[0, 0], xs[0])
+        shard_fn = functools.partial(grad_fn, spec=local.spec, row_shards=1)
+        sums = zero_sums(shard_fn, params, first, key, scale)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), sums)
+        (grads, loss_sum, count, sums), _ = jax.lax.scan(accumulate, init, xs)
         grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
-        return jax.lax.with_sharding_constraint(grads, spec.param_shardings), loss_sum, count
+        grads = jax.lax.with_sharding_constraint(grads, spec.param_shardings)
+        return grads, loss_sum, count, sums
 
     def grads_and_loss(params, batch, key, scale):
         if microbatches == 1:
@@ -175,24 +192,25 @@ def make_train_step(
             return local_grads_and_loss(params, batch, key, scale)
 
         def accumulate(carry, xs):
-            grads, loss_sum, count = carry
+            grads, loss_sum, count, sums = carry
             mb, index = xs
-            g, l, c = grad_fn(params, mb, jax.random.fold_in(key, index), scale)
+            g, l, c, s = grad_fn(params, mb, jax.random.fold_in(key, index), scale)
             grads = jax.tree.map(jnp.add, grads, g)
             if spec.param_shardings is not None:
                 grads = jax.lax.with_sharding_constraint(grads, spec.param_shardings)
-            return (grads, loss_sum + l, count + c), None
+            return (grads, loss_sum + l, count + c, jax.tree.map(jnp.add, sums, s)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         xs = (_split_microbatches(batch, microbatches), jnp.arange(microbatches))
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, xs)
-        return grads, loss_sum, count
+        sums = zero_sums(grad_fn, params, jax.tree.map(lambda x: x[0], xs[0]), key, scale)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), sums)
+        (grads, loss_sum, count, sums), _ = jax.lax.scan(accumulate, init, xs)
+        return grads, loss_sum, count, sums
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
         scale = None if scaling is None else state.loss_scale.scale
-        grads, loss_sum, count = grads_and_loss(state.params, batch, key, scale)
+        grads, loss_sum, count, sums = grads_and_loss(state.params, batch, key, scale)
         divisor = count if scale is None else count * scale
         grads = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), grads, state.params)
         # An offloaded optimizer state is read onto the devices for the update only.
@@ -223,7 +241,7 @@ def make_train_step(
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
             "skipped_steps": skipped,
-        }
+        } | router_metrics(sums, count)
         scaled = state.loss_scale
         if scaling is not None:
             scaled = loss_scale.advance(scaled, finite_grads, scaling)
@@ -249,7 +267,7 @@ def make_eval_step(
     formed a chunk at a time as in :func:`make_train_step`."""
 
     def eval_step(params, batch):
-        loss_sum, count = _loss_sum(spec, params, batch, None, loss_chunk_tokens, row_shards)
+        loss_sum, count, _ = _loss_sum(spec, params, batch, None, loss_chunk_tokens, row_shards)
         return {"loss_sum": loss_sum, "count": count}
 
     return eval_step

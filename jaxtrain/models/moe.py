@@ -1,0 +1,207 @@
+"""Mixture-of-experts feed-forward: a top-k softmax router over SwiGLU experts, dropless.
+
+Each token's router scores are a float32 softmax over the E experts; the token goes to
+its k best, weighted by their probabilities, renormalised to sum to 1 when configured
+(Mixtral, Jiang et al., 2024; Qwen3-MoE). The computation is dropless (MegaBlocks,
+Gale et al., 2023): the T x k (token, expert) assignments are sorted by expert and each
+projection is one grouped matmul over the sorted rows (``jax.lax.ragged_dot``, which XLA
+lowers on CPU, GPU and TPU), so no token is padded, dropped or multiplied by an expert
+it did not pick. With a capacity factor, GShard's rule (Lepikhin et al., 2021) drops
+the assignments past each expert's capacity, in token order, and counts them.
+
+Per layer it reports, for the loss and the metrics (summed over every device's tokens):
+
+- ``balance``: the load-balancing loss of Switch (Fedus et al., 2022) in the form HF
+  Mixtral computes, E x sum_e f_e P_e, with f_e the assignments to expert e per token
+  and P_e its mean router probability; k for a perfectly even router.
+- ``z``: the router z-loss of ST-MoE (Zoph et al., 2022), the mean squared log-sum-exp
+  of the router logits.
+- ``load``: assignments each expert computed [E]; ``dropped``: assignments dropped.
+
+Under a mesh the routing runs per device on its own tokens (``per_shard``), whose
+totals are summed over the devices that split the batch and the sequence; experts'
+weights are gathered whole (their MLP width stays split under tensor parallelism, each
+device computing its share of every expert).
+
+Dimensions: B batch, L length, D model width, E experts, k experts per token, F an
+expert's width, T tokens (B x L), A assignments (T x k).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.config import MoEConfig
+from jaxtrain.models.layers import MLP, Shard, param
+from jaxtrain.sharding.local import mesh_sum, per_shard
+
+Stats = dict[str, jax.Array]
+
+
+def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(weights [T, k] float32, experts [T, k] int32, probabilities [T, E]) of float32
+    router ``logits`` [T, E]: the k most probable experts, best first (ties: the lower
+    index first), and their probabilities, renormalised to sum to 1 if asked."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32), probs
+
+
+def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
+    """The most assignments one expert computes of ``tokens`` tokens; 0 factor: all."""
+    return tokens * k if factor <= 0 else max(1, math.ceil(factor * tokens * k / experts))
+
+
+def expert_ffn(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    dtype: jnp.dtype,
+    limit: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The experts' weighted sum for each token, and which assignments were kept.
+
+    Args:
+        x: [T, D] tokens.
+        experts: [T, k] each token's experts.
+        weights: [T, k] float32 their weights.
+        w_gate, w_up: [E, D, F]; w_down: [E, F, D] (cast to ``dtype`` for the matmuls).
+        dtype: the compute dtype.
+        limit: the most assignments an expert keeps (:func:`capacity`), earlier tokens
+            first.
+
+    Returns:
+        ([T, D] in ``dtype``, [T, k] bool: the assignment was computed, not dropped).
+    """
+    t, k = experts.shape
+    n_experts = w_gate.shape[0]
+    flat = experts.reshape(-1)  # [A], token-major: token i's assignments at i k ...
+    order = jnp.argsort(flat, stable=True)  # sorted by expert, token order within one
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    starts = jnp.cumsum(sizes) - sizes
+    kept = (jnp.arange(order.shape[0]) - starts[flat[order]] < limit)[inverse].reshape(t, k)
+    rows = x[order // k].astype(dtype)  # [A, D]
+    gate = jax.lax.ragged_dot(rows, w_gate.astype(dtype), sizes)
+    up = jax.lax.ragged_dot(rows, w_up.astype(dtype), sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dtype), sizes)  # [A, D]
+    out = out[inverse].reshape(t, k, -1)
+    combine = jnp.where(kept, weights, 0.0)
+    y = jnp.einsum("TkD,Tk->TD", out.astype(jnp.float32), combine)
+    return y.astype(dtype), kept
+
+
+def router_stats(
+    logits: jax.Array,
+    probs: jax.Array,
+    experts: jax.Array,
+    kept: jax.Array,
+    total: Callable[[Stats], Stats],
+) -> Stats:
+    """The layer's ``balance``, ``z``, ``load`` and ``dropped`` (module docstring) over
+    every device's tokens: ``total`` sums a tree over the devices that split them."""
+    n_experts = probs.shape[-1]
+    assigned = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32)  # [T, k, E]
+    sums = total(
+        {
+            "tokens": jnp.asarray(logits.shape[0], jnp.float32),
+            "assigned": jnp.sum(assigned, axis=(0, 1)),
+            "load": jnp.sum(assigned * kept[..., None], axis=(0, 1)),
+            "probs": jnp.sum(probs, axis=0),
+            "z": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        }
+    )
+    fraction = jax.lax.stop_gradient(sums["assigned"]) / sums["tokens"]
+    balance = n_experts * jnp.sum(fraction * sums["probs"] / sums["tokens"])
+    return {
+        "balance": balance,
+        "z": sums["z"] / sums["tokens"],
+        "load": sums["load"],
+        "dropped": jnp.sum(sums["assigned"]) - jnp.sum(sums["load"]),
+    }
+
+
+class MoE(nnx.Module):
+    """Top-k routed SwiGLU experts (and optional shared experts); ``__call__`` returns
+    the output and the layer's router statistics."""
+
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MoEConfig,
+        *,
+        out_std: float,
+        param_dtype: jnp.dtype,
+        compute_dtype: jnp.dtype,
+        shard: Shard,
+        rngs: nnx.Rngs,
+    ):
+        e, f = cfg.num_experts, cfg.expert_mlp_dim
+        init, out_init = nnx.initializers.normal(0.02), nnx.initializers.normal(out_std)
+        self.router = param(rngs, init, (d_model, e), ("embed", "router"), param_dtype)
+        self.w_gate = param(rngs, init, (e, d_model, f), ("exp", "embed", "mlp"), param_dtype)
+        self.w_up = param(rngs, init, (e, d_model, f), ("exp", "embed", "mlp"), param_dtype)
+        self.w_down = param(rngs, out_init, (e, f, d_model), ("exp", "mlp", "embed"), param_dtype)
+        self.shared = None
+        if cfg.shared_experts:
+            self.shared = MLP(
+                d_model,
+                cfg.shared_experts * f,
+                out_std=out_std,
+                param_dtype=param_dtype,
+                compute_dtype=compute_dtype,
+                shard=shard,
+                rngs=rngs,
+            )
+        self.cfg = cfg
+        self.compute_dtype = compute_dtype
+        self.shard = shard
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Stats]:
+        """``x`` [B, L, D] -> (output [B, L, D], this layer's router statistics)."""
+        cfg, dt = self.cfg, self.compute_dtype
+        tokens_total = mesh_sum(self.shard, "batch", "length")  # identities without a mesh
+        total_mlp = mesh_sum(self.shard, "mlp")
+
+        def local(x, router, w_gate, w_up, w_down):
+            b, length, d = x.shape
+            flat = x.reshape(b * length, d)
+            logits = jnp.einsum("TD,DE->TE", flat.astype(jnp.float32), router.astype(jnp.float32))
+            weights, experts, probs = route(logits, cfg.experts_per_token, cfg.renormalize)
+            limit = capacity(
+                b * length, cfg.experts_per_token, cfg.num_experts, cfg.capacity_factor
+            )
+            y, kept = expert_ffn(flat, experts, weights, w_gate, w_up, w_down, dt, limit)
+            stats = router_stats(logits, probs, experts, kept, tokens_total)
+            return total_mlp(y).reshape(b, length, d), stats
+
+        acts = ("batch", "length", None)
+        stats_axes = {"balance": (), "z": (), "load": (None,), "dropped": ()}
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        shapes = {
+            "balance": scalar,
+            "z": scalar,
+            "load": jax.ShapeDtypeStruct((cfg.num_experts,), jnp.float32),
+            "dropped": scalar,
+        }
+        y, stats = per_shard(
+            local,
+            self.shard,
+            (acts, (None, None), ("exp", None, "mlp"), ("exp", None, "mlp"), ("exp", "mlp", None)),
+            (acts, stats_axes),
+            out_shapes=(x, shapes),
+        )(x, self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...])
+        y = self.shard(y, ("batch", "length", "act_embed"))
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y, stats
