@@ -306,10 +306,13 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh shape and the sharding preset that maps logical axes onto it.
 
-    ``data``, ``fsdp``, ``sequence`` and ``tensor`` are the whole axis sizes; one may be
-    ``-1``: it takes all devices the others leave. ``sequence`` > 1 is context
+    ``data``, ``fsdp``, ``expert``, ``sequence`` and ``tensor`` are the whole axis sizes;
+    one may be ``-1``: it takes all devices the others leave. ``sequence`` > 1 is context
     parallelism: every activation's length is split over it (parameters are not; they
-    follow the preset), and attention runs as ``model.context_parallel`` says. In a
+    follow the preset), and attention runs as ``model.context_parallel`` says. ``expert``
+    > 1 is expert parallelism (``model.moe``): each device holds that share of every
+    layer's experts and tokens travel to their experts and back by all-to-all; outside
+    the experts it splits the batch like ``data``. In a
     multi-host run ``dcn_data``, ``dcn_fsdp`` and ``dcn_sequence`` say how many ways of the
     axis go across hosts (or TPU slices), over the slower data-center network; the rest of
     each axis, and all of ``tensor``, stays within a host. All 1 (the default) lets JAX lay
@@ -320,6 +323,7 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     sequence: int = 1
+    expert: int = 1
     preset: str = "fsdp"
     dcn_data: int = 1
     dcn_fsdp: int = 1
@@ -332,7 +336,8 @@ class MeshConfig:
         _check(
             list(sizes.values()).count(-1) <= 1,
             "mesh",
-            "at most one of mesh.data, mesh.fsdp, mesh.sequence, mesh.tensor may be -1",
+            "at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.sequence, mesh.tensor "
+            "may be -1",
         )
         _check(self.preset in PRESETS, "mesh.preset", f"must be one of {PRESETS}")
         for name in ("dcn_data", "dcn_fsdp", "dcn_sequence"):
@@ -387,8 +392,8 @@ class MeshConfig:
         return sizes
 
     def _sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "sequence": self.sequence,
-                "tensor": self.tensor}  # fmt: skip
+        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert,
+                "sequence": self.sequence, "tensor": self.tensor}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -720,13 +725,25 @@ class Config:
                 f"{self.data.seq_len} is not divisible by 2 x mesh.sequence={ways} (each "
                 "device holds two chunks of every sequence)",
             )
-        batch_shards = sizes["data"] * sizes["fsdp"]
+        experts = sizes["expert"]
+        if experts > 1:
+            _check(
+                self.model.moe.num_experts > 0,
+                "mesh.expert",
+                f"{experts} splits experts, but the model has none (model.moe.num_experts=0)",
+            )
+            _check(
+                self.model.moe.num_experts % experts == 0,
+                "model.moe.num_experts",
+                f"{self.model.moe.num_experts} is not divisible by mesh.expert={experts}",
+            )
+        batch_shards = sizes["data"] * sizes["fsdp"] * experts
         micro = self.train.global_batch // self.train.microbatches
         _check(
             micro % batch_shards == 0,
             "train.global_batch",
             f"{self.train.global_batch} / train.microbatches={self.train.microbatches} = {micro} "
-            f"rows per microbatch is not divisible by mesh data*fsdp={batch_shards}",
+            f"rows per microbatch is not divisible by mesh data*fsdp*expert={batch_shards}",
         )
         return sizes
 

@@ -252,7 +252,7 @@ def test_sequence_sharded_chunks_stay_local():
     ``tensor``): the interleaved chunks need no all-gather, all-to-all or permute."""
     rules = preset("fsdp_tp")
     rules = dataclasses.replace(rules, params=(*rules.params, ("length", "sequence")))
-    mesh = jax.make_mesh((2, 1, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = jax.make_mesh((2, 1, 1, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 5)
     shard = ActivationSharding(mesh, rules)
     b, length, d = 4, 32, 16
     rng = np.random.default_rng(0)

@@ -38,7 +38,8 @@ from flax import nnx
 
 from jaxtrain.config import MoEConfig
 from jaxtrain.models.layers import MLP, Shard, param
-from jaxtrain.sharding.local import mesh_sum, per_shard
+from jaxtrain.sharding.local import exchange as all_to_all
+from jaxtrain.sharding.local import mesh_sum, per_shard, ways
 
 Stats = dict[str, jax.Array]
 
@@ -59,6 +60,36 @@ def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
     return tokens * k if factor <= 0 else max(1, math.ceil(factor * tokens * k / experts))
 
 
+def _rank_in_group(groups: jax.Array, n_groups: int) -> jax.Array:
+    """For each element of int ``groups`` [A], how many earlier elements share its group."""
+    order = jnp.argsort(groups, stable=True)
+    sizes = jnp.bincount(groups, length=n_groups)
+    starts = jnp.cumsum(sizes) - sizes
+    ranks = jnp.arange(groups.shape[0]) - starts[groups[order]]
+    return jnp.zeros_like(ranks).at[order].set(ranks)
+
+
+def _grouped_swiglu(
+    rows: jax.Array,
+    ids: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """Row ``i`` of ``rows`` [R, D] through expert ``ids[i]`` of the stacked weights
+    [G, ...], by grouped matmuls over the rows sorted by expert; an id of G or more is
+    padding and gives zeros."""
+    n_groups = w_gate.shape[0]
+    order = jnp.argsort(ids, stable=True)
+    sizes = jnp.bincount(ids, length=n_groups).astype(jnp.int32)  # padding: no group
+    sorted_rows = rows[order]
+    gate = jax.lax.ragged_dot(sorted_rows, w_gate.astype(dtype), sizes)
+    up = jax.lax.ragged_dot(sorted_rows, w_up.astype(dtype), sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dtype), sizes)
+    return jnp.zeros_like(out).at[order].set(out)
+
+
 def expert_ffn(
     x: jax.Array,
     experts: jax.Array,
@@ -68,37 +99,61 @@ def expert_ffn(
     w_down: jax.Array,
     dtype: jnp.dtype,
     limit: int,
+    exchange: Callable[[jax.Array], jax.Array] | None = None,
+    devices: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """The experts' weighted sum for each token, and which assignments were kept.
 
+    The kept assignments are laid out in a buffer per destination device (each device
+    holding E / ``devices`` consecutive experts), exchanged all-to-all, computed by the
+    receiving device's experts, and exchanged back; with one device the exchange is the
+    identity and the buffer a permutation. A buffer holds every assignment a device may
+    send one destination: all of them when dropless, at most its experts' capacity
+    otherwise.
+
     Args:
         x: [T, D] tokens.
-        experts: [T, k] each token's experts.
+        experts: [T, k] each token's experts (of all E).
         weights: [T, k] float32 their weights.
-        w_gate, w_up: [E, D, F]; w_down: [E, F, D] (cast to ``dtype`` for the matmuls).
+        w_gate, w_up: [E / devices, D, F]; w_down: [E / devices, F, D], this device's
+            experts (cast to ``dtype`` for the matmuls).
         dtype: the compute dtype.
         limit: the most assignments an expert keeps (:func:`capacity`), earlier tokens
             first.
+        exchange: the all-to-all among the ``devices`` that split the experts
+            (:func:`jaxtrain.sharding.local.exchange`); None with one.
+        devices: how many devices split the experts.
 
     Returns:
         ([T, D] in ``dtype``, [T, k] bool: the assignment was computed, not dropped).
     """
     t, k = experts.shape
-    n_experts = w_gate.shape[0]
+    local = w_gate.shape[0]
     flat = experts.reshape(-1)  # [A], token-major: token i's assignments at i k ...
-    order = jnp.argsort(flat, stable=True)  # sorted by expert, token order within one
-    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    starts = jnp.cumsum(sizes) - sizes
-    kept = (jnp.arange(order.shape[0]) - starts[flat[order]] < limit)[inverse].reshape(t, k)
-    rows = x[order // k].astype(dtype)  # [A, D]
-    gate = jax.lax.ragged_dot(rows, w_gate.astype(dtype), sizes)
-    up = jax.lax.ragged_dot(rows, w_up.astype(dtype), sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dtype), sizes)  # [A, D]
-    out = out[inverse].reshape(t, k, -1)
-    combine = jnp.where(kept, weights, 0.0)
+    assignments = flat.shape[0]
+    kept = jnp.ones(assignments, bool)
+    if limit < assignments:
+        kept = _rank_in_group(flat, local * devices) < limit
+    dest = flat // local
+    # Slot in the destination's buffer: kept assignments first, in token order.
+    slot = _rank_in_group(dest * 2 + (~kept).astype(dest.dtype), 2 * devices)
+    width = min(assignments, local * limit)
+    slot = jnp.where(kept, slot, width)  # out of range: not sent
+    rows = x[jnp.arange(assignments) // k].astype(dtype)
+    send = jnp.zeros((devices, width, x.shape[-1]), dtype)
+    send = send.at[dest, slot].set(rows, mode="drop")
+    ids = jnp.full((devices, width), local, flat.dtype)
+    ids = ids.at[dest, slot].set(flat % local, mode="drop")
+    exchange = exchange or (lambda a: a)
+    got, got_ids = exchange(send), exchange(ids)
+    out = _grouped_swiglu(
+        got.reshape(-1, x.shape[-1]), got_ids.reshape(-1), w_gate, w_up, w_down, dtype
+    )
+    back = exchange(out.reshape(devices, width, -1))
+    out = back.at[dest, slot].get(mode="fill", fill_value=0).reshape(t, k, -1)
+    combine = jnp.where(kept.reshape(t, k), weights, 0.0)
     y = jnp.einsum("TkD,Tk->TD", out.astype(jnp.float32), combine)
-    return y.astype(dtype), kept
+    return y.astype(dtype), kept.reshape(t, k)
 
 
 def router_stats(
@@ -171,6 +226,7 @@ class MoE(nnx.Module):
         """``x`` [B, L, D] -> (output [B, L, D], this layer's router statistics)."""
         cfg, dt = self.cfg, self.compute_dtype
         tokens_total = mesh_sum(self.shard, "batch", "length")  # identities without a mesh
+        exchange, devices = all_to_all(self.shard, "exp"), ways(self.shard, "exp")
         total_mlp = mesh_sum(self.shard, "mlp")
 
         def local(x, router, w_gate, w_up, w_down):
@@ -181,7 +237,9 @@ class MoE(nnx.Module):
             limit = capacity(
                 b * length, cfg.experts_per_token, cfg.num_experts, cfg.capacity_factor
             )
-            y, kept = expert_ffn(flat, experts, weights, w_gate, w_up, w_down, dt, limit)
+            y, kept = expert_ffn(
+                flat, experts, weights, w_gate, w_up, w_down, dt, limit, exchange, devices
+            )
             stats = router_stats(logits, probs, experts, kept, tokens_total)
             return total_mlp(y).reshape(b, length, d), stats
 

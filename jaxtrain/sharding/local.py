@@ -9,6 +9,7 @@ turns them into mesh axes, so no model code spells a mesh axis.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,20 +95,43 @@ def per_shard(
     return wrapped
 
 
-def mesh_sum(shard: Any, *names: str) -> Callable[[Any], Any]:
-    """Inside a :func:`per_shard` function: sums a tree of arrays over the devices that
-    split the logical dimensions ``names`` (``psum`` over their mesh axes), so a total
-    over tokens split by ``batch`` and ``length`` is the whole batch's on every device.
-    The identity without a mesh.
-    """
+def _mesh_axes(shard: Any, *names: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the logical dimensions ``names`` are split over."""
     if not isinstance(shard, ActivationSharding) or shard.mesh is None or shard.rules is None:
-        return lambda tree: tree
+        return ()
     axes: list[str] = []
     for name in names:
         mapped = shard.rules.lookup(name)
         for axis in (mapped,) if isinstance(mapped, str) else tuple(mapped or ()):
             if shard.mesh.shape[axis] > 1 and axis not in axes:
                 axes.append(axis)
+    return tuple(axes)
+
+
+def ways(shard: Any, name: str) -> int:
+    """How many devices split the logical dimension ``name`` (1 without a mesh)."""
+    axes = _mesh_axes(shard, name)
+    return math.prod(shard.mesh.shape[a] for a in axes) if axes else 1
+
+
+def exchange(shard: Any, name: str) -> Callable[[jax.Array], jax.Array]:
+    """Inside a :func:`per_shard` function: the all-to-all among the devices that split
+    the logical dimension ``name``. ``x`` [N, ...] on each of those N devices sends its
+    ``x[j]`` to the j-th of them and receives, at ``[i]``, what the i-th sent it. The
+    identity when ``name`` is not split."""
+    axes = _mesh_axes(shard, name)
+    if not axes:
+        return lambda x: x
+    return lambda x: jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
+
+
+def mesh_sum(shard: Any, *names: str) -> Callable[[Any], Any]:
+    """Inside a :func:`per_shard` function: sums a tree of arrays over the devices that
+    split the logical dimensions ``names`` (``psum`` over their mesh axes), so a total
+    over tokens split by ``batch`` and ``length`` is the whole batch's on every device.
+    The identity without a mesh.
+    """
+    axes = _mesh_axes(shard, *names)
     if not axes:
         return lambda tree: tree
-    return lambda tree: jax.tree.map(lambda x: jax.lax.psum(x, tuple(axes)), tree)
+    return lambda tree: jax.tree.map(lambda x: jax.lax.psum(x, axes), tree)

@@ -1,4 +1,8 @@
-"""Build the named device mesh (``data``, ``fsdp``, ``sequence``, ``tensor``) from config.
+"""Build the named device mesh (``data``, ``fsdp``, ``expert``, ``sequence``, ``tensor``)
+from config.
+
+``expert`` splits the experts of mixture-of-experts layers (:mod:`jaxtrain.models.moe`)
+and, everywhere else, the batch, like ``data``; at size 1 it changes nothing.
 
 ``sequence`` splits every activation's length (context parallelism,
 :mod:`jaxtrain.sharding.context`); at size 1 it changes nothing. Axis order puts
@@ -27,8 +31,8 @@ from jax.sharding import Mesh
 from jaxtrain.config import Config
 from jaxtrain.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:
@@ -42,8 +46,8 @@ def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n_processes = len({d.process_index for d in devices})
     sizes = config.check_devices(len(devices), n_processes)
-    shape = (sizes["data"], sizes["fsdp"], sizes["sequence"], sizes["tensor"])
-    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, config.mesh.dcn_sequence, 1)
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, 1, config.mesh.dcn_sequence, 1)
     if math.prod(dcn) > 1:
         grid = _hybrid_grid(shape, dcn, devices)
     elif len(devices) == len(jax.devices()):

@@ -19,7 +19,7 @@ MeshAxes = str | tuple[str, ...] | None
 
 # Logical names that may appear on activations; the same in every preset.
 _ACTIVATIONS: dict[str, MeshAxes] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": "sequence",  # context parallelism; size 1 unless mesh.sequence > 1
     "act_embed": None,
     "act_heads": "tensor",
@@ -41,7 +41,7 @@ _REPLICATED: dict[str, MeshAxes] = {
     "positions": None,  # rows of a learned position table (GPT-2, BERT)
     "token_types": None,  # rows of BERT's token-type (segment A/B) table
     "rel_buckets": None,  # rows of T5's relative position bias table
-    "exp": None,  # the experts of a mixture-of-experts layer's stacked weights
+    "exp": "expert",  # the experts of a mixture-of-experts layer's stacked weights
     "router": None,  # a router's output: one score per expert
 }
 
