@@ -28,7 +28,19 @@ from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
-NAMES = ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "bert", "roberta", "t5"]
+NAMES = [
+    "llama",
+    "llama3",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "mixtral",
+    "qwen3_moe",
+    "gpt2",
+    "bert",
+    "roberta",
+    "t5",
+]
 FAMILY = {"gpt2": "gpt2", "bert": "bert", "roberta": "roberta", "t5": "t5"}  # else llama
 # transformers' input names -> ours (input_ids is the first positional argument)
 KWARGS = {"token_type_ids": "token_types", "decoder_input_ids": "decoder_inputs"}
@@ -115,6 +127,7 @@ def abstract_graph(cfg):
         ("llama", {"fsdp": 8}),
         ("llama", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
         ("qwen3", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
+        ("qwen3_moe", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
         ("gpt2", {"fsdp": 8}),
         ("gpt2", {"fsdp": 4, "tensor": 2, "preset": "fsdp_tp"}),
         ("bert", {"fsdp": 8}),

@@ -3,7 +3,8 @@ fresh random HF models -> jaxtrain import -> forward -> export -> transformers'
 ``from_pretrained`` (``AutoModelForCausalLM``, ``AutoModelForMaskedLM``,
 ``AutoModelForSeq2SeqLM``), with logits compared both ways and every parameter identical
 after the trip. T5 also runs with the original T5's tied, scaled head and with the head
-transformers 5 ties to ``shared`` unscaled."""
+transformers 5 ties to ``shared`` unscaled; the mixtures of experts (Mixtral, Qwen3-MoE)
+also with a window and with renormalised top-k weights."""
 
 import importlib.util
 from pathlib import Path

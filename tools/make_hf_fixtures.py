@@ -94,6 +94,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", _SMALL | {"head_dim": 16}),
     # A window of 5 tokens, much shorter than the 24-token inputs.
     "mistral": ("MistralConfig", _SMALL | {"sliding_window": 5}),
+    # Mixtures of experts, 2 of 4 per token: Mixtral renormalises the two weights (its
+    # intermediate_size is each expert's width); Qwen3-MoE here does not
+    # (norm_topk_prob false, transformers' default), with experts narrower than its
+    # dense intermediate_size and Qwen3's head_dim 16.
+    "mixtral": (
+        "MixtralConfig",
+        _SMALL | {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        _SMALL
+        | {
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "norm_topk_prob": False,
+        },
+    ),
     "gpt2": (
         "GPT2Config",
         {
@@ -116,10 +135,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Live round trip only (tests/test_hf_live.py): the original T5's tied head with its
 # output scaled by d_model^-0.5, and the head transformers 5 builds for v1.1 configs
-# (tied to ``shared`` without the scaling; the checkpoint then has no lm_head.weight).
+# (tied to ``shared`` without the scaling; the checkpoint then has no lm_head.weight);
+# Mixtral with a window, and Qwen3-MoE renormalising its top-k (as Qwen3-30B-A3B does).
 LIVE_VARIANTS = VARIANTS | {
     "t5_tied": ("T5Config", _T5 | {"tie_word_embeddings": True}),
     "t5_shared_head": ("T5Config", _T5),
+    "mixtral_window": ("MixtralConfig", VARIANTS["mixtral"][1] | {"sliding_window": 5}),
+    "qwen3_moe_norm": ("Qwen3MoeConfig", VARIANTS["qwen3_moe"][1] | {"norm_topk_prob": True}),
 }
 # v1.1 / FLAN-T5 heads are their own tensor (transformers 5 would tie them, see above).
 UNTIED_HEAD = {"t5"}

@@ -2,12 +2,21 @@
 
 Covered architectures: ``LlamaForCausalLM`` (Llama 2, Llama 3, Llama 3.1 RoPE scaling),
 ``MistralForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` map onto the
-``llama`` family's switches; ``GPT2LMHeadModel`` onto ``gpt2``; ``BertForMaskedLM`` and
-``RobertaForMaskedLM`` onto ``bert`` and ``roberta``; ``T5ForConditionalGeneration``
-(v1.1 / FLAN-T5: gated GELU) onto ``t5``. Both the transformers 4 (``rope_theta`` +
-``rope_scaling``) and 5 (``rope_parameters``) spellings are read. Anything these classes
-can express that jaxtrain does not compute (other RoPE scalings, per-layer sliding
-windows, output biases on LLaMA, T5's ReLU feed-forward) is refused with the key named.
+``llama`` family's switches, and the mixtures of experts ``MixtralForCausalLM`` and
+``Qwen3MoeForCausalLM`` onto those and ``model.moe``; ``GPT2LMHeadModel`` onto ``gpt2``;
+``BertForMaskedLM`` and ``RobertaForMaskedLM`` onto ``bert`` and ``roberta``;
+``T5ForConditionalGeneration`` (v1.1 / FLAN-T5: gated GELU) onto ``t5``. Both the
+transformers 4 (``rope_theta`` + ``rope_scaling``) and 5 (``rope_parameters``) spellings
+are read. Anything these classes can express that jaxtrain does not compute (other RoPE
+scalings, per-layer sliding windows, output biases on LLaMA, T5's ReLU feed-forward,
+Qwen3-MoE's dense layers among the sparse ones) is refused with the key named.
+
+The experts route as HF's do: dropless (``capacity_factor`` 0), Mixtral always
+renormalising the top-k weights and Qwen3-MoE when ``norm_topk_prob``. HF's
+``router_aux_loss_coef`` is ``balance_weight`` (whatever ``output_router_logits``, which
+only says whether HF's forward adds the loss); HF has no router z-loss (``z_weight`` 0).
+Settings HF applies in training only (attention dropout, Mixtral's router jitter) are
+not read.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jaxtrain.config import ModelConfig, RopeScalingConfig
+from jaxtrain.config import ModelConfig, MoEConfig, RopeScalingConfig
 from jaxtrain.errors import UserError
 
 ARCHITECTURES = {
@@ -25,6 +34,8 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
     "roberta": "RobertaForMaskedLM",
@@ -50,9 +61,18 @@ ARCHITECTURE_FIELDS = (
     "qkv_bias",
     "qk_norm",
     "sliding_window",
+    "moe",
     "type_vocab_size",
     "relative_buckets",
     "relative_max_distance",
+)
+# The fields of model.moe that describe the architecture (the rest are training settings).
+MOE_ARCHITECTURE_FIELDS = (
+    "num_experts",
+    "experts_per_token",
+    "expert_mlp_dim",
+    "shared_experts",
+    "renormalize",
 )
 
 
@@ -95,6 +115,32 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
     return theta, scaling
 
 
+def _moe(hf: dict[str, Any], model_type: str) -> MoEConfig:
+    """The experts of Mixtral and Qwen3-MoE (transformers' defaults for missing keys)."""
+    if model_type == "mixtral":  # its intermediate_size is the experts' width
+        key, width, renormalize = "num_local_experts", hf["intermediate_size"], True
+        experts = hf.get(key, 8)
+    else:  # transformers 5 saves Qwen3-MoE's num_experts as num_local_experts
+        key = "num_experts" if "num_experts" in hf else "num_local_experts"
+        width, renormalize = hf.get("moe_intermediate_size", 768), hf.get("norm_topk_prob", False)
+        experts = hf.get(key, 128)
+        step = hf.get("decoder_sparse_step", 1)
+        _refuse(step == 1, "decoder_sparse_step", f"{step}: only every layer sparse (1) is mapped")
+        dense = hf.get("mlp_only_layers") or []
+        _refuse(not dense, "mlp_only_layers", f"{dense}: dense layers among the experts")
+    _refuse(experts > 0, key, f"{experts}: must be positive")
+    k = hf.get("num_experts_per_tok", 2 if model_type == "mixtral" else 8)
+    _refuse(1 <= k <= experts, "num_experts_per_tok", f"{k}: must be between 1 and {experts}")
+    return MoEConfig(
+        num_experts=experts,
+        experts_per_token=k,
+        expert_mlp_dim=width,
+        renormalize=bool(renormalize),
+        balance_weight=float(hf.get("router_aux_loss_coef", 0.001)),
+        z_weight=0.0,
+    )
+
+
 def _llama(hf: dict[str, Any], model_type: str) -> ModelConfig:
     _refuse(hf.get("hidden_act", "silu") == "silu", "hidden_act", "only silu (SwiGLU) is mapped")
     _refuse(not hf.get("mlp_bias", False), "mlp_bias", "MLP biases are not supported")
@@ -104,9 +150,9 @@ def _llama(hf: dict[str, Any], model_type: str) -> ModelConfig:
         _refuse(not hf.get("attention_bias", False), "attention_bias", "not supported")
         qkv_bias = False
     window = 0
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         window = int(hf.get("sliding_window") or 0)
-    elif model_type in ("qwen2", "qwen3"):
+    elif model_type in ("qwen2", "qwen3", "qwen3_moe"):
         _refuse(
             not hf.get("use_sliding_window", False),
             "use_sliding_window",
@@ -129,8 +175,9 @@ def _llama(hf: dict[str, Any], model_type: str) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias=qkv_bias,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         sliding_window=window,
+        moe=_moe(hf, model_type) if model_type in ("mixtral", "qwen3_moe") else MoEConfig(),
     )
 
 
@@ -255,8 +302,21 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise UserError(f"{key}: {message}; no Hugging Face architecture jaxtrain writes has it")
 
 
-def _llama_type(cfg: ModelConfig) -> str:
-    """The HF model type that expresses a llama-family config's switches."""
+def llama_type(cfg: ModelConfig) -> str:
+    """The HF model type that expresses a llama-family config's switches.
+
+    Raises:
+        UserError: if none does, naming the ``model.*`` key.
+    """
+    if cfg.moe.num_experts:
+        shared = cfg.moe.shared_experts
+        _check(not shared, "model.moe.shared_experts", f"{shared} (experts every token sees)")
+        _check(not cfg.qkv_bias, "model.qkv_bias", "with model.moe")
+        if cfg.qk_norm:
+            _check(not cfg.sliding_window, "model.sliding_window", "with model.qk_norm")
+            return "qwen3_moe"
+        _check(cfg.moe.renormalize, "model.moe.renormalize", "false without model.qk_norm")
+        return "mixtral"
     if cfg.qk_norm:
         _check(not cfg.qkv_bias, "model.qkv_bias", "with model.qk_norm")
         _check(not cfg.sliding_window, "model.sliding_window", "with model.qk_norm")
@@ -273,6 +333,9 @@ def _llama_type(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of ``cfg`` (the inverse of :func:`config_from_hf`).
+
+    Of ``model.moe``, ``capacity_factor`` and ``z_weight`` are training settings that
+    no HF key holds; they are not written (HF's experts are dropless).
 
     Raises:
         UserError: if no HF architecture expresses ``cfg`` (e.g. GPT-2 with grouped-query
@@ -343,7 +406,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             **dtype,
         }
     _check(cfg.family == "llama", "model.family", f"{cfg.family!r}")
-    model_type = _llama_type(cfg)
+    model_type = llama_type(cfg)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling.kind == "llama3":
         scaling = dataclasses.asdict(cfg.rope_scaling)
@@ -374,10 +437,31 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
     if model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         hf["use_sliding_window"] = False
-    if model_type in ("llama", "qwen3"):
+    if model_type in ("llama", "qwen3", "qwen3_moe"):
         hf["attention_bias"] = False
+    if model_type in ("mixtral", "qwen3_moe"):
+        moe = cfg.moe
+        hf |= {
+            "num_experts_per_tok": moe.experts_per_token,
+            "router_aux_loss_coef": moe.balance_weight,
+            "output_router_logits": False,
+        }
+    if model_type == "mixtral":  # its intermediate_size is the experts' width
+        hf |= {
+            "intermediate_size": moe.expert_mlp_dim,
+            "num_local_experts": moe.num_experts,
+            "sliding_window": cfg.sliding_window or None,
+        }
+    if model_type == "qwen3_moe":  # intermediate_size: its (here unused) dense layers' width
+        hf |= {
+            "moe_intermediate_size": moe.expert_mlp_dim,
+            "num_experts": moe.num_experts,
+            "norm_topk_prob": moe.renormalize,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
     if model_type == "qwen2":
         del hf["head_dim"]  # Qwen2 derives it from hidden_size / num_attention_heads
     return hf

@@ -28,6 +28,7 @@ from jaxtrain.config import ModelConfig
 from jaxtrain.errors import UserError
 from jaxtrain.models.hf.config import (
     ARCHITECTURE_FIELDS,
+    MOE_ARCHITECTURE_FIELDS,
     config_from_hf,
     config_to_hf,
     read_config,
@@ -65,6 +66,9 @@ def _unflat(flat: dict[tuple[str, ...], Any]) -> dict:
 def check_architecture(cfg: ModelConfig, directory: str | Path) -> None:
     """Raise unless ``cfg`` describes the same architecture as ``directory``'s config.json.
 
+    Of ``model.moe`` only the experts' shape and routing are compared: capacity and the
+    loss weights are the run's to choose.
+
     Raises:
         UserError: naming every differing ``model.*`` key and the value to set.
     """
@@ -74,16 +78,19 @@ def check_architecture(cfg: ModelConfig, directory: str | Path) -> None:
         fields = (*fields, "max_seq_len")  # the position table's rows
     if "roberta" in (cfg.family, theirs.family):
         fields = (*fields, "pad_id")  # RoBERTa's positions start after it
+    if cfg.moe.num_experts and theirs.moe.num_experts:
+        fields = tuple(f for f in fields if f != "mlp_dim")  # only the experts' width is used
     diffs = []
     for name in fields:
         want = getattr(theirs, name)
         if getattr(cfg, name) == want:
             continue
         if dataclasses.is_dataclass(want):
+            keys = MOE_ARCHITECTURE_FIELDS if name == "moe" else dataclasses.asdict(want)
             diffs += [
-                f"model.{name}.{k}={v}"
-                for k, v in dataclasses.asdict(want).items()
-                if getattr(getattr(cfg, name), k) != v
+                f"model.{name}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                for k in keys
+                if getattr(getattr(cfg, name), k) != (v := getattr(want, k))
             ]
         else:
             diffs.append(f"model.{name}={str(want).lower() if isinstance(want, bool) else want}")
@@ -122,8 +129,10 @@ def load_params(
         resolved = {}
         for path, src in wanted.items():
             names = tuple(ckpt.resolve(n) for n in src.names)
-            if src.fallback is not None and None in names and ckpt.resolve(src.fallback):
-                names = (ckpt.resolve(src.fallback),)
+            if None in names and src.fallback is not None:
+                other = tuple(ckpt.resolve(n) for n in src.fallback.names)
+                if None not in other:
+                    src, names = src.fallback, other
             missing = [n for n, r in zip(src.names, names, strict=True) if r is None]
             if missing:
                 raise UserError(f"{directory}: the checkpoint has no tensor {missing[0]}")
@@ -227,7 +236,7 @@ def save_pretrained(
     if isinstance(params, nnx.Module):
         params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
     flat = _flat(params)
-    contributions: dict[str, list[tuple[tuple[str, ...], int | None, Source]]] = {}
+    contributions: dict[str, list[tuple[tuple[str, ...], Any, Source]]] = {}
     for path, src in sources(cfg).items():
         for layer, name in iter_layers(src):
             contributions.setdefault(name, []).append((path, layer, src))

@@ -10,6 +10,7 @@ layer's slice of one tensor) at a time, never the model.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -153,15 +154,17 @@ def read_block(
     """Block ``index`` of our parameter of ``shape`` described by ``src``, as ``dtype``."""
     if not src.layered:
         return np.asarray(_read_one(ckpt, src.names[0], src, index), dtype=dtype)
-    first, last = _ranges(index[:1], shape[:1])[0]
-    rest = index[1:]
+    n = src.stacked  # leading axes: layers, or layers and experts
+    spans = [range(lo, hi) for lo, hi in _ranges(index[:n], shape[:n])]
+    rest = index[n:]
     out = None
-    for j, layer in enumerate(range(first, last)):
-        block = _read_one(ckpt, src.names[layer], src, rest)
+    for j, where in enumerate(itertools.product(*spans)):
+        flat = where[0] * src.experts + where[1] if src.experts else where[0]
+        block = _read_one(ckpt, src.names[flat], src, rest)
         if out is None:
-            out = np.empty((last - first, *block.shape), dtype)
+            out = np.empty((math.prod(map(len, spans)), *block.shape), dtype)
         out[j] = block
-    return out
+    return out.reshape(*map(len, spans), *out.shape[1:])
 
 
 def place(
@@ -225,9 +228,12 @@ def write_shards(
     return [directory / n for n in names]
 
 
-def iter_layers(src: Source) -> Iterator[tuple[int | None, str]]:
-    """(layer index or None, HF name) for each tensor of a source."""
-    if src.layered:
+def iter_layers(src: Source) -> Iterator[tuple[int | tuple[int, int] | None, str]]:
+    """(the index of its block in our parameter: a layer, (layer, expert) or None; HF
+    name) for each tensor of a source."""
+    if src.experts:
+        yield from ((divmod(i, src.experts), name) for i, name in enumerate(src.names))
+    elif src.layered:
         yield from enumerate(src.names)
     else:
         yield None, src.names[0]

@@ -2,13 +2,15 @@
 
 A :class:`Source` says how to build one of our parameters from HF tensors of shape
 ``hf``: take the ``part`` of each, view it in ``view`` shape, transpose it by ``perm``, and
-(for block parameters) stack the per-layer results along the leading ``layers`` axis.
+(for block parameters) stack the per-layer results along the leading ``layers`` axis
+(and, for experts stored one tensor each, the per-expert results along the next).
 The same description read backwards gives the export. Our layouts: wq [D, N, H],
 wk and wv [D, K, H], wo [N, H, D], MLP weights [D, F] and [F, D], embedding [V, D],
-LM head [D, V]; HF's ``nn.Linear`` stores [out, in] and GPT-2's ``Conv1D`` [in, out].
+LM head [D, V], router [D, E], experts' weights [E, D, F] and [E, F, D]; HF's
+``nn.Linear`` stores [out, in] and GPT-2's ``Conv1D`` [in, out].
 
-Dimensions: D model width, N heads, K kv heads, H head dim, F MLP width, V vocabulary,
-P positions, T token types, R relative-position buckets.
+Dimensions: D model width, N heads, K kv heads, H head dim, F MLP (or expert) width,
+V vocabulary, P positions, T token types, R relative-position buckets, E experts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 from collections.abc import Callable
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.models.hf.config import llama_type
 
 Path = tuple[str, ...]  # a parameter's keys in the model's pure-dict parameter tree
 
@@ -26,7 +29,8 @@ class Source:
     """One of our parameters as HF tensors.
 
     Attributes:
-        names: the HF tensor, or one per layer (stacked on a leading axis) if ``layered``.
+        names: the HF tensor, or one per layer (stacked on a leading axis) if ``layered``,
+            or one per layer and expert (layer-major, stacked on two) if ``experts``.
         hf: the shape of each HF tensor.
         view: the HF tensor (or its ``part``) seen in this shape, a split of its axes
             (None: as stored).
@@ -34,8 +38,11 @@ class Source:
         part: ``(axis, start, stop)`` when only that range of the HF tensor is ours
             (GPT-2 fuses q, k and v into one ``c_attn``).
         layered: ``names`` has one tensor per layer.
-        fallback: read this tensor instead when the checkpoint lacks ``names`` (a T5
-            that transformers 5 built ties its LM head to ``shared`` unscaled).
+        experts: with ``layered``, the number of experts when ``names`` has one tensor per
+            layer and expert (0: one per layer).
+        fallback: read this instead when the checkpoint lacks ``names``: a T5 that
+            transformers 5 built ties its LM head to ``shared`` unscaled; experts may
+            also be stored fused, all of a layer's in one tensor.
     """
 
     names: tuple[str, ...]
@@ -44,7 +51,13 @@ class Source:
     perm: tuple[int, ...] | None = None
     part: tuple[int, int, int] | None = None
     layered: bool = False
-    fallback: str | None = None
+    experts: int = 0
+    fallback: Source | None = None
+
+    @property
+    def stacked(self) -> int:
+        """How many leading axes of ours stack the tensors of ``names`` (0, 1 or 2)."""
+        return 0 if not self.layered else 2 if self.experts else 1
 
     @property
     def part_shape(self) -> tuple[int, ...]:
@@ -68,8 +81,50 @@ def _layers(cfg: ModelConfig, template: str) -> tuple[str, ...]:
     return tuple(template.format(i=i) for i in range(cfg.n_layers))
 
 
+def moe_sources(cfg: ModelConfig) -> dict[Path, Source]:
+    """The experts of MixtralForCausalLM and Qwen3MoeForCausalLM: each layer's router
+    ``gate.weight`` [E, D] and each expert's ``nn.Linear`` weights, a tensor per layer and
+    expert, as the Hub's checkpoints and transformers' ``save_pretrained`` store them
+    (Mixtral's ``block_sparse_moe.experts.{j}.w1`` gate, ``w3`` up, ``w2`` down; Qwen3-MoE's
+    ``mlp.experts.{j}.gate_proj``, ``up_proj``, ``down_proj``). Failing those, the tensors
+    of transformers 5's modules are read: Mixtral's router as ``mlp.gate.weight``, the
+    fused ``mlp.experts.gate_up_proj`` [E, 2F, D] (the gate's F rows first) and
+    ``mlp.experts.down_proj`` [E, D, F]."""
+    n, d, e, f = cfg.n_layers, cfg.d_model, cfg.moe.num_experts, cfg.moe.expert_mlp_dim
+    mixtral = llama_type(cfg) == "mixtral"
+    block = "block_sparse_moe" if mixtral else "mlp"
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+
+    def layer(name: str, hf: tuple[int, ...], perm, part=None, fallback=None) -> Source:
+        names = _layers(cfg, f"model.layers.{{i}}.{name}")
+        return Source(names, hf, None, perm, part, layered=True, fallback=fallback)
+
+    def expert(name: str, hf: tuple[int, ...], fused: Source) -> Source:
+        names = tuple(
+            f"model.layers.{i}.{block}.experts.{j}.{name}.weight"
+            for i in range(n)
+            for j in range(e)
+        )
+        return Source(names, hf, perm=(1, 0), layered=True, experts=e, fallback=fused)
+
+    router = layer("mlp.gate.weight", (e, d), (1, 0))
+    if mixtral:
+        router = layer(f"{block}.gate.weight", (e, d), (1, 0), fallback=router)
+    to_edf = (0, 2, 1)  # [E, F, D] -> [E, D, F] and [E, D, F] -> [E, F, D]
+    gate_up = "mlp.experts.gate_up_proj", (e, 2 * f, d), to_edf
+    return {
+        ("blocks", "mlp", "router"): router,
+        ("blocks", "mlp", "w_gate"): expert(gate, (f, d), layer(*gate_up, (1, 0, f))),
+        ("blocks", "mlp", "w_up"): expert(up, (f, d), layer(*gate_up, (1, f, 2 * f))),
+        ("blocks", "mlp", "w_down"): expert(
+            down, (d, f), layer("mlp.experts.down_proj", (e, d, f), to_edf)
+        ),
+    }
+
+
 def llama_sources(cfg: ModelConfig) -> dict[Path, Source]:
-    """LlamaForCausalLM and its relatives (Mistral, Qwen2, Qwen3)."""
+    """LlamaForCausalLM and its relatives (Mistral, Qwen2, Qwen3; with experts, Mixtral
+    and Qwen3-MoE: :func:`moe_sources`)."""
     d, n, k, h, f, v = (
         cfg.d_model,
         cfg.n_heads,
@@ -94,11 +149,14 @@ def llama_sources(cfg: ModelConfig) -> dict[Path, Source]:
             "self_attn.o_proj.weight", (d, n * h), (d, n, h), (1, 2, 0)
         ),
         ("blocks", "mlp_norm", "scale"): layer("post_attention_layernorm.weight", (d,)),
-        ("blocks", "mlp", "w_gate"): layer("mlp.gate_proj.weight", (f, d), None, (1, 0)),
-        ("blocks", "mlp", "w_up"): layer("mlp.up_proj.weight", (f, d), None, (1, 0)),
-        ("blocks", "mlp", "w_down"): layer("mlp.down_proj.weight", (d, f), None, (1, 0)),
-        ("final_norm", "scale"): Source(("model.norm.weight",), (d,)),
     }
+    if cfg.moe.num_experts:
+        out |= moe_sources(cfg)
+    else:
+        out[("blocks", "mlp", "w_gate")] = layer("mlp.gate_proj.weight", (f, d), None, (1, 0))
+        out[("blocks", "mlp", "w_up")] = layer("mlp.up_proj.weight", (f, d), None, (1, 0))
+        out[("blocks", "mlp", "w_down")] = layer("mlp.down_proj.weight", (d, f), None, (1, 0))
+    out[("final_norm", "scale")] = Source(("model.norm.weight",), (d,))
     if cfg.qkv_bias:
         out[("blocks", "attn", "bq")] = layer("self_attn.q_proj.bias", (n * h,), (n, h))
         out[("blocks", "attn", "bk")] = layer("self_attn.k_proj.bias", (k * h,), (k, h))
@@ -249,9 +307,8 @@ def t5_sources(cfg: ModelConfig) -> dict[Path, Source]:
             for name, src in _attention(layer, names, n, h, d).items():
                 out[(stack, ours, name)] = src
     if not cfg.tie_embeddings:
-        out[("lm_head",)] = Source(
-            ("lm_head.weight",), (v, d), perm=(1, 0), fallback="shared.weight"
-        )
+        shared = Source(("shared.weight",), (v, d), perm=(1, 0))
+        out[("lm_head",)] = Source(("lm_head.weight",), (v, d), perm=(1, 0), fallback=shared)
     return out
 
 
