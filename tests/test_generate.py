@@ -44,7 +44,9 @@ def transformers_generate(directory, rows, pad, **options):
     return out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "t5"])
+@pytest.mark.parametrize(
+    "name", ["llama", "llama3", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gpt2", "t5"]
+)
 def test_greedy_equals_transformers(name):
     directory = FIXTURES / name
     rows, pad = fixture_prompts(directory)

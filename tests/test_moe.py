@@ -24,6 +24,8 @@ from jaxtrain.errors import UserError
 from jaxtrain.metrics import active_params
 from jaxtrain.models.layers import no_shard
 from jaxtrain.models.moe import MoE, capacity, expert_ffn, route
+from jaxtrain.plan import state_plan
+from jaxtrain.plan.report import make_plan
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
 from jaxtrain.train.loop import train
@@ -187,9 +189,8 @@ def test_active_parameters_count_k_of_e_experts():
     assert active_params(dense, 1000) == 1000
 
 
+# Expert parallelism with each other axis; the experts' MLP width split by tensor.
 LAYOUTS = {
-    "fsdp8": ("mesh.preset=fsdp", "mesh.fsdp=8"),
-    "dp2_fsdp2_tp2": ("mesh.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
     "fsdp4_microbatches2": ("mesh.fsdp=4", "train.microbatches=2"),
     "expert8": ("mesh.expert=8", "mesh.fsdp=1"),
     "expert4_fsdp2": ("mesh.expert=4", "mesh.fsdp=2"),
@@ -229,6 +230,24 @@ def test_expert_parallel_step_exchanges_tokens_all_to_all():
     # No expert weight [E=8, D, F] (or its per-layer slice [1, 8, ...]) is gathered, as
     # fsdp=8 would gather it.
     assert not re.findall(r"= f32\[(1,)?8,(64,32|32,64)\]\S* all-gather\(", hlo)
+
+
+def test_plan_shows_experts_per_device_and_all_to_all_bytes():
+    """`jaxtrain plan`'s numbers for expert=4 x fsdp=2: each device holds an eighth of
+    the experts' weights (a quarter of the experts, half their width), and the step's
+    all-to-all traffic is counted: the dispatch buffers [4, slots, D] out and back, in
+    the forward and the backward pass, per layer."""
+    cfg = config.load(None, [*STEPS, *MOE, "mesh.expert=4", "mesh.fsdp=2"])
+    program = build_program(cfg, make_mesh(cfg))
+    params, _ = state_plan(program)
+    (row,) = [r for r in params if r.path.endswith("mlp/w_gate")]
+    assert row.bytes_per_device * 8 == row.bytes_total
+    plan = make_plan(program)
+    tokens = cfg.train.global_batch * cfg.data.seq_len // 8  # per device
+    slots = tokens * cfg.model.moe.experts_per_token
+    buffer = 4 * slots * cfg.model.d_model * 4  # f32
+    # Per layer: token rows out and back, forward and backward (and their expert ids).
+    assert plan.traffic["all-to-all"].bytes >= 4 * cfg.model.n_layers * buffer
 
 
 def train_moe(tmp_path, balance_weight):
