@@ -19,9 +19,11 @@ Per layer it reports, for the loss and the metrics (summed over every device's t
 - ``load``: assignments each expert computed [E]; ``dropped``: assignments dropped.
 
 Under a mesh the routing runs per device on its own tokens (``per_shard``), whose
-totals are summed over the devices that split the batch and the sequence; experts'
-weights are gathered whole (their MLP width stays split under tensor parallelism, each
-device computing its share of every expert).
+totals are summed over the devices that split the batch and the sequence. Each device
+holds E / ``mesh.expert`` of the experts (tokens travel to them and back all-to-all);
+their weights are gathered over D inside the layer, so the gradients are
+reduce-scattered per layer, and their width stays split under tensor parallelism, each
+device computing its share of every expert.
 
 Dimensions: B batch, L length, D model width, E experts, k experts per token, F an
 expert's width, T tokens (B x L), A assignments (T x k).
@@ -39,7 +41,7 @@ from flax import nnx
 from jaxtrain.config import MoEConfig
 from jaxtrain.models.layers import MLP, Shard, param
 from jaxtrain.sharding.local import exchange as all_to_all
-from jaxtrain.sharding.local import mesh_sum, per_shard, ways
+from jaxtrain.sharding.local import gather, mesh_sum, per_shard, ways
 
 Stats = dict[str, jax.Array]
 
@@ -227,6 +229,9 @@ class MoE(nnx.Module):
         cfg, dt = self.cfg, self.compute_dtype
         tokens_total = mesh_sum(self.shard, "batch", "length")  # identities without a mesh
         exchange, devices = all_to_all(self.shard, "exp"), ways(self.shard, "exp")
+        # The experts' weights come in split over D as the preset shards them and are
+        # gathered here, so their gradients are reduce-scattered per layer.
+        whole_in, whole_out = gather(self.shard, "embed", 1), gather(self.shard, "embed", 2)
         total_mlp = mesh_sum(self.shard, "mlp")
 
         def local(x, router, w_gate, w_up, w_down):
@@ -237,6 +242,7 @@ class MoE(nnx.Module):
             limit = capacity(
                 b * length, cfg.experts_per_token, cfg.num_experts, cfg.capacity_factor
             )
+            w_gate, w_up, w_down = whole_in(w_gate), whole_in(w_up), whole_out(w_down)
             y, kept = expert_ffn(
                 flat, experts, weights, w_gate, w_up, w_down, dt, limit, exchange, devices
             )
@@ -255,7 +261,13 @@ class MoE(nnx.Module):
         y, stats = per_shard(
             local,
             self.shard,
-            (acts, (None, None), ("exp", None, "mlp"), ("exp", None, "mlp"), ("exp", "mlp", None)),
+            (
+                acts,
+                (None, None),
+                ("exp", "embed", "mlp"),
+                ("exp", "embed", "mlp"),
+                ("exp", "mlp", "embed"),
+            ),
             (acts, stats_axes),
             out_shapes=(x, shapes),
         )(x, self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...])

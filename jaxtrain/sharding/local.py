@@ -125,6 +125,18 @@ def exchange(shard: Any, name: str) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
 
 
+def gather(shard: Any, name: str, axis: int) -> Callable[[jax.Array], jax.Array]:
+    """Inside a :func:`per_shard` function: the all-gather that makes dimension ``axis``,
+    passed in split as the logical dimension ``name``, whole on every device. Its
+    transpose, in the backward pass, is the reduce-scatter that leaves each device its
+    own block of the gradient, so a weight gathered per layer inside a scan has its
+    gradient reduced per layer too. The identity when ``name`` is not split."""
+    axes = _mesh_axes(shard, name)
+    if not axes:
+        return lambda x: x
+    return lambda x: jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+
+
 def mesh_sum(shard: Any, *names: str) -> Callable[[Any], Any]:
     """Inside a :func:`per_shard` function: sums a tree of arrays over the devices that
     split the logical dimensions ``names`` (``psum`` over their mesh axes), so a total
