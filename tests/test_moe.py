@@ -25,6 +25,7 @@ from jaxtrain.metrics import active_params
 from jaxtrain.models.layers import no_shard
 from jaxtrain.models.moe import MoE, capacity, expert_ffn, route
 from jaxtrain.plan import state_plan
+from jaxtrain.plan.render import print_traffic
 from jaxtrain.plan.report import make_plan
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
@@ -248,6 +249,9 @@ def test_plan_shows_experts_per_device_and_all_to_all_bytes():
     buffer = 4 * slots * cfg.model.d_model * 4  # f32
     # Per layer: token rows out and back, forward and backward (and their expert ids).
     assert plan.traffic["all-to-all"].bytes >= 4 * cfg.model.n_layers * buffer
+    console = Console(record=True, width=200)
+    print_traffic(plan, console)
+    assert "XLA:CPU has no grouped matmul" in console.export_text()
 
 
 def train_moe(tmp_path, balance_weight):

@@ -78,6 +78,14 @@ def print_traffic(plan: Plan, console: Console) -> None:
             style="dim",
             highlight=False,
         )
+    if plan.platform == "cpu" and plan.experts:
+        console.print(
+            "(XLA:CPU has no grouped matmul: JAX computes each ragged_dot as a masked dense "
+            "one over every local expert, so the experts' temporaries here are larger than "
+            "on GPU or TPU, where ragged_dot is a grouped kernel)",
+            style="dim",
+            highlight=False,
+        )
 
 
 def verdict(plan: Plan, hbm: int) -> str:

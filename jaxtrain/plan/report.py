@@ -56,6 +56,7 @@ class Plan:
     traffic: dict[str, Traffic]
     ideal: IdealTraffic
     compile_s: float
+    experts: int = 0  # model.moe.num_experts: grouped matmuls, lowered densely on CPU
 
     def fits(self, hbm: int) -> bool:
         return self.memory.peak <= HEADROOM * hbm
@@ -143,4 +144,5 @@ def make_plan(program: Program) -> Plan:
         traffic={k: traffic[k] for k in KINDS},
         ideal=ideal,
         compile_s=compile_s,
+        experts=cfg.model.moe.num_experts,
     )
