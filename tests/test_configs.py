@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jaxtrain import config
-from jaxtrain.metrics import count_params
+from jaxtrain.metrics import active_params, count_params
 from jaxtrain.plan import state_plan
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
@@ -18,7 +18,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"tiny.yaml", "llama3-8b.yaml", "llama3-1b.yaml"}
+    assert {p.name for p in CONFIGS} >= {
+        "tiny.yaml",
+        "llama3-8b.yaml",
+        "llama3-1b.yaml",
+        "mixtral-8x7b.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -38,6 +43,14 @@ def test_llama3_8b_has_8b_parameters():
     cfg = config.load(str(next(p for p in CONFIGS if p.name == "llama3-8b.yaml")))
     program = build_program(cfg, make_mesh(cfg))
     assert 8.0e9 < count_params(program.spec.abstract_params) < 8.1e9
+
+
+def test_mixtral_8x7b_has_47b_parameters_13b_active():
+    cfg = config.load(str(next(p for p in CONFIGS if p.name == "mixtral-8x7b.yaml")))
+    program = build_program(cfg, make_mesh(cfg))
+    total = count_params(program.spec.abstract_params)
+    assert 46.6e9 < total < 46.8e9
+    assert 12.8e9 < active_params(cfg.model, total) < 13.0e9
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
