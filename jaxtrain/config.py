@@ -44,6 +44,7 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
 NONFINITE_ACTIONS = ("stop", "skip")
 GRAD_ACCUMULATIONS = ("sharded", "local")
+GRAD_COMM_DTYPES = ("float32", "bfloat16", "fp8")  # what gradients cross devices in
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
 CONTEXT_PARALLEL = ("ring", "all_gather")  # = sharding.context.MODES
 CONTEXT_FAMILIES = ("llama", "gpt2")  # causal decoders: context parallelism applies
@@ -498,6 +499,15 @@ class TrainConfig:
     are replicated (``dp``, ``zero1``); each batch shard draws its own dropout masks.
     ``jaxtrain plan`` shows the memory and the collective bytes of either.
 
+    ``grad_comm_dtype``: what gradients cross devices in; they are added in float32 on
+    arrival either way. ``float32``: as computed. ``bfloat16``: half the bytes; under
+    ``sharded`` each weight matmul forms its weight gradient in bfloat16, so the
+    reduction XLA inserts after it adds in bfloat16 (as PyTorch FSDP's ``reduce_dtype``
+    does), and only the microbatches' sum is float32; under ``local`` the step's one
+    reduction sends bfloat16 and adds in float32 (:mod:`jaxtrain.sharding.grad_comm`).
+    ``fp8``: a quarter of the bytes, float8 e5m2 with one scale per tensor; it needs
+    ``local`` (a reduction that XLA inserts would add in float8).
+
     ``profile``: ``"A-B"`` writes a ``jax.profiler`` trace of steps A to B (counted from
     1, both included) into ``<run.dir>/profile`` (TensorBoard's profile tab, Perfetto);
     ``""``: none.
@@ -520,6 +530,7 @@ class TrainConfig:
     objective: str = "causal_lm"
     loss_chunk_tokens: int = 4096
     grad_accumulation: str = "sharded"
+    grad_comm_dtype: str = "float32"
     profile: str = ""
     loss_scale: LossScaleConfig = LossScaleConfig()
     offload: str = "none"
@@ -560,6 +571,17 @@ class TrainConfig:
             self.grad_accumulation in GRAD_ACCUMULATIONS,
             "train.grad_accumulation",
             f"must be one of {GRAD_ACCUMULATIONS}",
+        )
+        _check(
+            self.grad_comm_dtype in GRAD_COMM_DTYPES,
+            "train.grad_comm_dtype",
+            f"must be one of {GRAD_COMM_DTYPES}",
+        )
+        _check(
+            self.grad_comm_dtype != "fp8" or self.grad_accumulation == "local",
+            "train.grad_comm_dtype",
+            "fp8 needs train.grad_accumulation=local: the sharded accumulation's reductions "
+            "run inside collectives XLA inserts, which would add in float8",
         )
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")
@@ -683,7 +705,7 @@ class Config:
             not (
                 self.model.moe.num_experts
                 and self.train.grad_accumulation == "local"
-                and self.train.microbatches > 1
+                and (self.train.microbatches > 1 or self.train.grad_comm_dtype != "float32")
             ),
             "train.grad_accumulation",
             "local is not supported with model.moe (its grouped matmuls do not batch over "

@@ -19,6 +19,7 @@ def print_memory(plan: Plan, console: Console, hbm: int | None) -> None:
         f"memory per device: preset {plan.preset}, mesh {plan.mesh}, {plan.devices} "
         f"{plan.platform} devices, {plan.microbatches} microbatch(es)"
         + (", gradients accumulated locally" if plan.accumulation == "local" else "")
+        + (f", gradients sent in {plan.grad_comm}" if plan.grad_comm != "float32" else "")
     )
     table = Table(title=title, title_justify="left")
     table.add_column("category")

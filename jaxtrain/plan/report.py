@@ -24,6 +24,7 @@ from jaxtrain.sharding.traffic import IdealTraffic, itemsize, zero_ideal
 from jaxtrain.train.loop import step_peak
 from jaxtrain.train.program import Program, accumulates_locally
 
+GRAD_COMM_BYTES = {"float32": 4, "bfloat16": 2, "fp8": 1}  # per gradient element sent
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the device's memory
 
 
@@ -57,6 +58,7 @@ class Plan:
     ideal: IdealTraffic
     compile_s: float
     experts: int = 0  # model.moe.num_experts: grouped matmuls, lowered densely on CPU
+    grad_comm: str = "float32"  # train.grad_comm_dtype: what gradients cross devices in
 
     def fits(self, hbm: int) -> bool:
         return self.memory.peak <= HEADROOM * hbm
@@ -75,6 +77,7 @@ class Plan:
             "platform": self.platform,
             "microbatches": self.microbatches,
             "grad_accumulation": self.accumulation,
+            "grad_comm_dtype": self.grad_comm,
             "compile_seconds": round(self.compile_s, 1),
             "memory_bytes_per_device": memory,
             "collectives_per_device_per_step": {
@@ -128,7 +131,7 @@ def make_plan(program: Program) -> Plan:
         program.abstract_state.params,
         program.state_shardings.params,
         gather_itemsize=itemsize(cfg.model.compute_dtype),
-        reduce_itemsize=4,
+        reduce_itemsize=GRAD_COMM_BYTES[cfg.train.grad_comm_dtype],
     )
     traffic = collective_traffic(compiled.as_text())
     devices = program.mesh.devices.flat
@@ -145,4 +148,5 @@ def make_plan(program: Program) -> Plan:
         ideal=ideal,
         compile_s=compile_s,
         experts=cfg.model.moe.num_experts,
+        grad_comm=cfg.train.grad_comm_dtype,
     )

@@ -98,9 +98,11 @@ class Program:
 
 def accumulates_locally(config: Config, batch: NamedSharding) -> bool:
     """Whether the step keeps each batch shard's gradient sum on its devices
-    (``train.grad_accumulation=local``, several microbatches and batch shards)."""
+    (``train.grad_accumulation=local`` with several batch shards, and several microbatches
+    or a narrow ``train.grad_comm_dtype`` for the one reduction)."""
     train = config.train
-    return train.grad_accumulation == "local" and train.microbatches > 1 and shard_count(batch) > 1
+    reason = train.microbatches > 1 or train.grad_comm_dtype != "float32"
+    return train.grad_accumulation == "local" and reason and shard_count(batch) > 1
 
 
 def local_accumulation(
@@ -148,6 +150,7 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         local=local_accumulation(config, mesh, rules, spec, batch_sharding),
         scaling=config.train.loss_scale if config.loss_scaling() else None,
         offload=shardings.opt_state if config.train.offload == "opt_state" else None,
+        grad_comm=config.train.grad_comm_dtype,
         **chunking,
     )
     train_step = jax.jit(

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxtrain.config import LossScaleConfig
+from jaxtrain.models.dense import weight_gradients_in
 from jaxtrain.sharding.context import zigzag_batch
+from jaxtrain.sharding.grad_comm import reduce_shards
 from jaxtrain.train import loss_scale
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
 from jaxtrain.train.moe_loss import Sums, penalty, router_metrics, router_sums
@@ -118,6 +120,7 @@ def make_train_step(
     local: LocalAccumulation | None = None,
     scaling: LossScaleConfig | None = None,
     offload: Any = None,
+    grad_comm: str = "float32",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step for a model, an optimizer and an accumulation count.
 
@@ -132,7 +135,12 @@ def make_train_step(
     after, and a step whose gradients are not finite drops its update and lowers the
     scale. With ``offload`` (the optimizer state's shardings) the state arrives in host
     memory, is read onto the devices for the update and leaves in host memory again.
+    ``grad_comm`` (``train.grad_comm_dtype``) is what gradients cross devices in: with
+    ``local`` the step's reduction (:mod:`jaxtrain.sharding.grad_comm`), else the weight
+    matmuls' gradients (:func:`jaxtrain.models.dense.weight_gradients_in`).
     """
+    # Without local accumulation the reductions follow the weight matmuls' gradients.
+    matmul_grads = jnp.bfloat16 if grad_comm == "bfloat16" and local is None else jnp.float32
 
     def grad_fn(params, batch, key, scale, spec=spec, row_shards=row_shards):
         """(float32 grads of the summed loss, plus any experts' auxiliary losses, times
@@ -147,7 +155,9 @@ def make_train_step(
             scaled = objective if scale is None else objective * scale
             return scaled, (loss_sum, count, sums)
 
-        (_, (loss_sum, count, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        with weight_gradients_in(matmul_grads):
+            value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, (loss_sum, count, sums)), grads = value_and_grad(params)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count, sums
 
     def zero_sums(fn, *args):
@@ -179,15 +189,18 @@ def make_train_step(
         # No router sums: config refuses local accumulation for a mixture of experts.
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), {})
         (grads, loss_sum, count, sums), _ = jax.lax.scan(accumulate, init, xs)
-        grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+        if grad_comm != "float32":
+            grads = reduce_shards(grads, local.shardings, spec.param_shardings, grad_comm)
+        else:
+            grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
         grads = jax.lax.with_sharding_constraint(grads, spec.param_shardings)
         return grads, loss_sum, count, sums
 
     def grads_and_loss(params, batch, key, scale):
-        if microbatches == 1:
-            return grad_fn(params, batch, key, scale)
         if local is not None:
             return local_grads_and_loss(params, batch, key, scale)
+        if microbatches == 1:
+            return grad_fn(params, batch, key, scale)
 
         def accumulate(carry, xs):
             grads, loss_sum, count, sums = carry
