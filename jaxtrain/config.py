@@ -37,7 +37,7 @@ REMAT_POLICIES = (  # = models.remat.NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 LOSS_SCALES = ("auto", "dynamic", "none")
-OFFLOADS = ("none", "opt_state")  # where the optimizer state lives between steps
+OFFLOADS = ("none", "opt_state", "opt_state+params")  # what lives in host memory between steps
 # JAX runs with 32-bit integers (x64 off): the step counter, token ids, positions and
 # shape arithmetic inside the program are int32, so every integer setting must fit.
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -516,7 +516,9 @@ class TrainConfig:
     float16 compute.
 
     ``offload``: ``opt_state`` keeps the optimizer state in host memory, read onto the
-    devices for each update (:mod:`jaxtrain.train.offload`); ``none`` keeps it on them.
+    devices for each update (:mod:`jaxtrain.train.offload`); ``opt_state+params`` keeps
+    the float32 master parameters there too, read onto the devices for each step;
+    ``none`` keeps both on them.
     """
 
     steps: int = 150
@@ -710,6 +712,12 @@ class Config:
             "train.grad_accumulation",
             "local is not supported with model.moe (its grouped matmuls do not batch over "
             "shards); use sharded",
+        )
+        _check(
+            not (self.train.offload == "opt_state+params" and self.model.remat_fraction < 1),
+            "model.remat_fraction",
+            f"{self.model.remat_fraction} splits the layer scan by slicing the stacked "
+            "parameters, which train.offload=opt_state+params keeps in host memory; use 1",
         )
         _check(
             not (self.data.packing and objective == "span_corruption"),

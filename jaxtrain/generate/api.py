@@ -70,7 +70,7 @@ class Generator:
         # split over the batch axes (and a step's one token over sequence), so the model
         # is traced with its rows and length whole.
         spec = model_spec(cfg, program.mesh, program.rules.for_generation())
-        return cls(cfg.model, spec.graphdef, params, tokenizer)
+        return cls(cfg.model, spec.graphdef, program.device_params(params), tokenizer)
 
     @classmethod
     def from_hf(cls, path: str) -> Generator:

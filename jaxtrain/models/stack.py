@@ -19,6 +19,7 @@ from flax import nnx
 from jaxtrain.config import ModelConfig
 from jaxtrain.models.kv_cache import CACHE_AXES
 from jaxtrain.models.remat import POLICIES
+from jaxtrain.sharding.memory import on_device
 
 
 def stacked(make_block: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -47,7 +48,8 @@ def scan_blocks(
     The first ``cfg.remat_layers()`` blocks are rematerialised per ``cfg.remat`` and the
     rest save everything (InternEvo's ``checkpoint: 0.5``): two scans over the two
     slices of the stacked layers, so memory and recomputation sit between the two
-    policies.
+    policies. Stacked parameters in host memory (offloaded) are copied to the device one
+    layer at a time, inside the scan.
     """
     n, remat, k = cfg.n_layers, cfg.remat, cfg.remat_layers()
     graphdef, layers = nnx.split(blocks)
@@ -55,7 +57,9 @@ def scan_blocks(
 
     def body(x, layer):
         layer_state, key = layer
-        block = nnx.merge(graphdef, layer_state)
+        # Offloaded parameters come to the device a layer at a time (and, under remat,
+        # again for the backward pass); elsewhere this is no copy at all.
+        block = nnx.merge(graphdef, on_device(layer_state))
         out = block(x, *args, key)
         return out if isinstance(out, tuple) else (out, None)
 

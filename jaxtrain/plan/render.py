@@ -36,6 +36,8 @@ def print_memory(plan: Plan, console: Console, hbm: int | None) -> None:
     ]
     if mem.host:
         rows[1] = ("optimizer state", mem.optimizer, "AdamW moments and count, in host memory")
+        if mem.params_on_host:
+            rows[0] = ("parameters", mem.parameters, "float32 masters, in host memory")
         rows.append(("in host memory", -mem.host, "the offloaded state: not in the peak"))
     for name, size, what in rows:
         table.add_row(name, size_text(size), what)
@@ -76,6 +78,14 @@ def print_traffic(plan: Plan, console: Console) -> None:
         console.print(
             "(compiled by XLA:CPU: it widens bf16 collectives to f32 and writes a "
             "reduce-scatter as an all-reduce plus a slice)",
+            style="dim",
+            highlight=False,
+        )
+    if plan.platform == "cpu" and plan.memory.params_on_host:
+        console.print(
+            "(XLA:CPU has one memory: the device copies of offloaded parameters, one layer "
+            "at a time in the layer scan, the rest of the model whole, and all of it for "
+            "the update, are not in these temporaries; on GPU or TPU they are)",
             style="dim",
             highlight=False,
         )

@@ -41,6 +41,7 @@ class Memory:
     temporaries: int
     peak: int  # arguments + outputs + temporaries - aliased, less what is in host memory
     host: int = 0  # between steps in host memory (train.offload), not on the device
+    params_on_host: bool = False  # train.offload=opt_state+params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +112,16 @@ def make_plan(program: Program) -> Plan:
     stats = compiled.memory_analysis()
     params, opt = state_plan(program)
     optimizer = sum(r.bytes_per_device for r in opt)
-    host = optimizer if program.config.train.offload != "none" else 0
+    parameters = sum(r.bytes_per_device for r in params)
+    offload = program.config.train.offload
+    host = (optimizer if offload != "none" else 0) + (
+        parameters if offload == "opt_state+params" else 0
+    )
     # XLA:CPU has one memory and counts host arguments (passed in, returned, donated) with
     # the rest; on GPU/TPU its analysis keeps them apart (host_argument_size_in_bytes).
     lumped = host if not stats.host_argument_size_in_bytes else 0
     memory = Memory(
-        parameters=sum(r.bytes_per_device for r in params),
+        parameters=parameters,
         optimizer=optimizer,
         gradients=_f32_gradient_bytes(program),
         arguments=stats.argument_size_in_bytes,
@@ -125,6 +130,7 @@ def make_plan(program: Program) -> Plan:
         temporaries=stats.temp_size_in_bytes,
         peak=step_peak(stats) - lumped,
         host=host,
+        params_on_host=offload == "opt_state+params",
     )
     cfg = program.config
     ideal = zero_ideal(

@@ -59,6 +59,13 @@ class Program:
             )
         return create_state(self.config, self.tx, self.state_shardings, params)
 
+    def device_params(self, params: Any) -> Any:
+        """``params`` on the devices: copied there from host memory when the config
+        offloads them (``train.offload=opt_state+params``), else as they are."""
+        if self.config.train.offload != "opt_state+params":
+            return params
+        return jax.device_put(params, self.spec.param_shardings)
+
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         cfg = self.config
         layout = Objective.from_config(cfg).layout(cfg.data.seq_len, cfg.data.packing)
@@ -141,6 +148,7 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         "loss_chunk_tokens": config.train.loss_chunk_tokens,
         "row_shards": shard_count(batch_sharding),
     }
+    offload_params = spec.param_shardings if config.train.offload == "opt_state+params" else None
     step = make_train_step(
         spec,
         tx,
@@ -149,7 +157,8 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         skip_nonfinite=config.train.on_nonfinite == "skip",
         local=local_accumulation(config, mesh, rules, spec, batch_sharding),
         scaling=config.train.loss_scale if config.loss_scaling() else None,
-        offload=shardings.opt_state if config.train.offload == "opt_state" else None,
+        offload=shardings.opt_state if config.train.offload != "none" else None,
+        offload_params=offload_params,
         grad_comm=config.train.grad_comm_dtype,
         **chunking,
     )
@@ -160,7 +169,8 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(spec, **chunking), in_shardings=(shardings.params, batch_shardings)
+        make_eval_step(spec, offload_params=offload_params, **chunking),
+        in_shardings=(shardings.params, batch_shardings),
     )
     return Program(
         config,

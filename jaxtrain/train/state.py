@@ -111,11 +111,14 @@ def state_shardings(
     abstract = jax.eval_shape(_init_fn(cfg, tx))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules)
-    if cfg.train.offload == "opt_state":
+    params = spec.param_shardings
+    if cfg.train.offload != "none":
         opt_state = in_memory(opt_state, HOST)
+    if cfg.train.offload == "opt_state+params":
+        params = in_memory(params, HOST)
     shardings = TrainState(
         step=replicated,
-        params=spec.param_shardings,
+        params=params,
         opt_state=opt_state,
         rng=replicated,
         skipped=replicated,

@@ -24,10 +24,11 @@ from jaxtrain.config import LossScaleConfig
 from jaxtrain.models.dense import weight_gradients_in
 from jaxtrain.sharding.context import zigzag_batch
 from jaxtrain.sharding.grad_comm import reduce_shards
+from jaxtrain.sharding.memory import on_device
 from jaxtrain.train import loss_scale
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
 from jaxtrain.train.moe_loss import Sums, penalty, router_metrics, router_sums
-from jaxtrain.train.offload import fetch, store
+from jaxtrain.train.offload import fetch, store, streamed
 from jaxtrain.train.optim import schedule_count
 from jaxtrain.train.state import ModelSpec, TrainState
 
@@ -120,6 +121,7 @@ def make_train_step(
     local: LocalAccumulation | None = None,
     scaling: LossScaleConfig | None = None,
     offload: Any = None,
+    offload_params: Any = None,
     grad_comm: str = "float32",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step for a model, an optimizer and an accumulation count.
@@ -134,7 +136,10 @@ def make_train_step(
     ``state.loss_scale`` multiplies it before the backward pass and divides the gradients
     after, and a step whose gradients are not finite drops its update and lowers the
     scale. With ``offload`` (the optimizer state's shardings) the state arrives in host
-    memory, is read onto the devices for the update and leaves in host memory again.
+    memory, is read onto the devices for the update and leaves in host memory again;
+    with ``offload_params`` (the parameters' shardings) so do the parameters, read onto
+    the devices as :func:`jaxtrain.train.offload.streamed` says (a layer at a time),
+    and whole for the update.
     ``grad_comm`` (``train.grad_comm_dtype``) is what gradients cross devices in: with
     ``local`` the step's reduction (:mod:`jaxtrain.sharding.grad_comm`), else the weight
     matmuls' gradients (:func:`jaxtrain.models.dense.weight_gradients_in`).
@@ -158,6 +163,8 @@ def make_train_step(
         with weight_gradients_in(matmul_grads):
             value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
             (_, (loss_sum, count, sums)), grads = value_and_grad(params)
+        # Streamed (offloaded) layers' gradients come back in host memory.
+        grads = on_device(grads)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count, sums
 
     def zero_sums(fn, *args):
@@ -221,13 +228,21 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
         scale = None if scaling is None else state.loss_scale.scale
-        grads, loss_sum, count, sums = grads_and_loss(state.params, batch, key, scale)
+        old_params = state.params
+        if offload_params is not None:  # offloaded: a layer at a time to the devices
+            model_params = streamed(old_params, offload_params, spec.logical)
+            grads, loss_sum, count, sums = grads_and_loss(model_params, batch, key, scale)
+            # The masters come whole to the devices for the update, once gradients exist.
+            old_params, grads = jax.lax.optimization_barrier((old_params, grads))
+            old_params = fetch(old_params, offload_params)
+        else:
+            grads, loss_sum, count, sums = grads_and_loss(old_params, batch, key, scale)
         divisor = count if scale is None else count * scale
-        grads = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), grads, old_params)
         # An offloaded optimizer state is read onto the devices for the update only.
         old_opt = state.opt_state if offload is None else fetch(state.opt_state, offload)
-        updates, opt_state = tx.update(grads, old_opt, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, old_opt, old_params)
+        params = optax.apply_updates(old_params, updates)
         loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
         finite_loss, finite_grads = jnp.isfinite(loss), jnp.isfinite(grad_norm)
         # Under loss scaling non-finite gradients are an overflow, routine and not a fault.
@@ -241,7 +256,7 @@ def make_train_step(
             params, opt_state = jax.tree.map(
                 lambda new, old: jnp.where(keep, new, old),
                 (params, opt_state),
-                (state.params, old_opt),
+                (old_params, old_opt),
             )
         metrics = {
             "loss": loss,
@@ -259,6 +274,8 @@ def make_train_step(
             metrics |= {"loss_scale": scaled.scale, "overflow_steps": scaled.overflows}
         if offload is not None:
             opt_state = store(opt_state, offload)
+        if offload_params is not None:
+            params = store(params, offload_params)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -272,12 +289,15 @@ def make_train_step(
 
 
 def make_eval_step(
-    spec: ModelSpec, *, loss_chunk_tokens: int = 0, row_shards: int = 1
+    spec: ModelSpec, *, loss_chunk_tokens: int = 0, row_shards: int = 1, offload_params: Any = None
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> {"loss_sum", "count"}``, no dropout; the logits
-    formed a chunk at a time as in :func:`make_train_step`."""
+    formed a chunk at a time as in :func:`make_train_step`; parameters in host memory
+    (``offload_params``, their shardings) are read onto the devices first."""
 
     def eval_step(params, batch):
+        if offload_params is not None:
+            params = streamed(params, offload_params, spec.logical)
         loss_sum, count, _ = _loss_sum(spec, params, batch, None, loss_chunk_tokens, row_shards)
         return {"loss_sum": loss_sum, "count": count}
 
