@@ -44,6 +44,7 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 PRESETS = ("dp", "fsdp", "fsdp_tp", "zero1")
 NONFINITE_ACTIONS = ("stop", "skip")
 GRAD_ACCUMULATIONS = ("sharded", "local")
+FP8_FAMILIES = ("llama", "gpt2")  # the families whose projections can compute in float8
 GRAD_COMM_DTYPES = ("float32", "bfloat16", "fp8")  # what gradients cross devices in
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
 CONTEXT_PARALLEL = ("ring", "all_gather")  # = sharding.context.MODES
@@ -190,6 +191,12 @@ class ModelConfig:
     sentinel_id: int = -1  # -1: vocab_size - 1 (filled in on load)
     decoder_start_id: int = 0
     init_from: str = ""
+    fp8: bool = False  # attention and MLP projections in float8 (models/fp8.py)
+    fp8_history: int = 16  # steps of amax history a float8 scale is set from
+
+    def fp8_steps(self) -> int:
+        """The amax history length of float8 projections; 0 when ``fp8`` is off."""
+        return self.fp8_history if self.fp8 else 0
 
     def remat_layers(self) -> int:
         """How many of the first layers ``remat`` applies to (``remat_fraction`` of them,
@@ -218,6 +225,22 @@ class ModelConfig:
             self.n_heads % self.n_kv_heads == 0,
             "model.n_kv_heads",
             f"{self.n_kv_heads} does not divide model.n_heads={self.n_heads}",
+        )
+        _check(self.fp8_history > 0, "model.fp8_history", "must be positive")
+        _check(
+            not self.fp8 or self.family in FP8_FAMILIES,
+            "model.fp8",
+            f"is implemented for model.family {' and '.join(FP8_FAMILIES)}, not {self.family}",
+        )
+        _check(
+            not (self.fp8 and self.moe.num_experts),
+            "model.fp8",
+            "is not implemented for model.moe's grouped expert matmuls",
+        )
+        _check(
+            not (self.fp8 and self.compute_dtype == "float16"),
+            "model.fp8",
+            "with model.compute_dtype=float16 is not supported; compute in bfloat16",
         )
         if self.family == "llama":
             _check(self.head_dim % 2 == 0, "model.head_dim", "must be even for RoPE")
@@ -703,15 +726,20 @@ class Config:
             "train.profile",
             f"{self.train.profile} runs past train.steps={self.train.steps}",
         )
+        local = self.train.grad_accumulation == "local" and (
+            self.train.microbatches > 1 or self.train.grad_comm_dtype != "float32"
+        )
         _check(
-            not (
-                self.model.moe.num_experts
-                and self.train.grad_accumulation == "local"
-                and (self.train.microbatches > 1 or self.train.grad_comm_dtype != "float32")
-            ),
+            not (self.model.moe.num_experts and local),
             "train.grad_accumulation",
             "local is not supported with model.moe (its grouped matmuls do not batch over "
             "shards); use sharded",
+        )
+        _check(
+            not (self.model.fp8 and local),
+            "train.grad_accumulation",
+            "local is not supported with model.fp8 (its amax histories are not kept per "
+            "shard); use sharded",
         )
         _check(
             not (self.train.offload == "opt_state+params" and self.model.remat_fraction < 1),

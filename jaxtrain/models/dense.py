@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtrain.models.fp8 import fp8_einsum
 from jaxtrain.models.quantized import QuantizedWeight
 from jaxtrain.models.remat import WEIGHT_MATMUL
 
@@ -85,11 +86,15 @@ def weight_einsum(
     w: jax.Array | QuantizedWeight,
     dtype,
     name: str = WEIGHT_MATMUL,
+    fp8: jax.Array | None = None,
 ) -> jax.Array:
     """``einsum(spec, x, w.astype(dtype))`` with a float32 weight gradient; ``spec`` names
     the activation first and the weight second; the output is named ``name`` for remat
-    policies. An int8 ``w`` is dequantized first."""
+    policies. An int8 ``w`` is dequantized first. With ``fp8`` (the projection's amax
+    history, :mod:`jaxtrain.models.fp8`) the matmul computes in float8."""
     if isinstance(w, QuantizedWeight):
         return checkpoint_name(jnp.einsum(spec, x, w.dequantize(dtype)), name)
     g_dtype = _GRADIENT_DTYPE.get() or jnp.dtype(jnp.float32)
+    if fp8 is not None:
+        return checkpoint_name(fp8_einsum(spec, x, w, fp8, dtype, g_dtype), name)
     return checkpoint_name(_einsum(spec, x, w, jnp.dtype(dtype), w.dtype, g_dtype), name)

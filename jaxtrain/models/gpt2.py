@@ -52,6 +52,7 @@ class Block(nnx.Module):
             head_dim=cfg.head_dim,
             qkv_bias=True,
             out_bias=True,
+            fp8_history=cfg.fp8_steps(),
         )
         self.mlp_norm = LayerNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = GeluMLP(
@@ -62,6 +63,7 @@ class Block(nnx.Module):
             compute_dtype=cdt,
             shard=shard,
             rngs=rngs,
+            fp8_history=cfg.fp8_steps(),
         )
         self.dropout = cfg.dropout
         self.shard = shard

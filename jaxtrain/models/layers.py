@@ -24,6 +24,7 @@ from jaxtrain.errors import UserError
 from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl, xla_attention
 from jaxtrain.models import remat
 from jaxtrain.models.dense import weight_einsum
+from jaxtrain.models.fp8 import add_histories, history_of
 from jaxtrain.models.kv_cache import LAYER_CACHE_AXES, Step
 from jaxtrain.sharding import per_shard
 from jaxtrain.sharding.context import context_attention, sequence_ways
@@ -281,8 +282,10 @@ class Attention(nnx.Module):
         qk_norm_eps: float | None = None,
         window: int | None = None,
         context: str = "ring",
+        fp8_history: int = 0,
     ):
         head_dim = head_dim or d_model // n_heads
+        add_histories(self, ("wq", "wk", "wv", "wo"), fp8_history)
         init = nnx.initializers.normal(0.02)
         self.wq = param(
             rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype
@@ -321,9 +324,15 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Project x [B, L, D] to q [B, L, N, H] and k, v [B, L, K, H]; bias, norm, rotate."""
         dt = self.compute_dtype
-        q = weight_einsum("BLD,DNH->BLNH", x, self.wq[...], dt, remat.QUERY_PROJ)
-        k = weight_einsum("BLD,DKH->BLKH", x, self.wk[...], dt, remat.KEY_PROJ)
-        v = weight_einsum("BLD,DKH->BLKH", x, self.wv[...], dt, remat.VALUE_PROJ)
+        q = weight_einsum(
+            "BLD,DNH->BLNH", x, self.wq[...], dt, remat.QUERY_PROJ, history_of(self, "wq")
+        )
+        k = weight_einsum(
+            "BLD,DKH->BLKH", x, self.wk[...], dt, remat.KEY_PROJ, history_of(self, "wk")
+        )
+        v = weight_einsum(
+            "BLD,DKH->BLKH", x, self.wv[...], dt, remat.VALUE_PROJ, history_of(self, "wv")
+        )
         if self.qkv_bias:
             q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         if self.qk_norm:
@@ -359,7 +368,9 @@ class Attention(nnx.Module):
     def _out(self, out: jax.Array) -> jax.Array:
         """The heads [B, L, N, H] projected back to [B, L, D]."""
         dt = self.compute_dtype
-        out = weight_einsum("BLNH,NHD->BLD", out, self.wo[...], dt, remat.OUT_PROJ)
+        out = weight_einsum(
+            "BLNH,NHD->BLD", out, self.wo[...], dt, remat.OUT_PROJ, history_of(self, "wo")
+        )
         return out + self.bo[...].astype(dt) if self.out_bias else out
 
     def decode(
@@ -405,7 +416,9 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
         in_std: float = 0.02,
         activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
+        fp8_history: int = 0,
     ):
+        add_histories(self, ("w_gate", "w_up", "w_down"), fp8_history)
         init = nnx.initializers.normal(in_std)
         self.w_gate = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
         self.w_up = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
@@ -417,10 +430,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        gate = weight_einsum("BLD,DF->BLF", x, self.w_gate[...], dt, remat.MLP_IN)
-        up = weight_einsum("BLD,DF->BLF", x, self.w_up[...], dt, remat.MLP_IN)
+        gate = weight_einsum(
+            "BLD,DF->BLF", x, self.w_gate[...], dt, remat.MLP_IN, history_of(self, "w_gate")
+        )
+        up = weight_einsum(
+            "BLD,DF->BLF", x, self.w_up[...], dt, remat.MLP_IN, history_of(self, "w_up")
+        )
         hidden = self.shard(self.activation(gate) * up, ("batch", "length", "act_mlp"))
-        return weight_einsum("BLF,FD->BLD", hidden, self.w_down[...], dt, remat.MLP_OUT)
+        down = history_of(self, "w_down")
+        return weight_einsum("BLF,FD->BLD", hidden, self.w_down[...], dt, remat.MLP_OUT, down)
 
 
 class GeluMLP(nnx.Module):
@@ -438,7 +456,9 @@ class GeluMLP(nnx.Module):
         shard: Shard,
         rngs: nnx.Rngs,
         approximate: bool = True,
+        fp8_history: int = 0,
     ):
+        add_histories(self, ("w_in", "w_out"), fp8_history)
         init, zeros = nnx.initializers.normal(0.02), nnx.initializers.zeros
         self.w_in = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"), param_dtype)
         self.b_in = param(rngs, zeros, (mlp_dim,), ("bias",), param_dtype)
@@ -451,9 +471,13 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        hidden = weight_einsum("BLD,DF->BLF", x, self.w_in[...], dt, remat.MLP_IN)
+        hidden = weight_einsum(
+            "BLD,DF->BLF", x, self.w_in[...], dt, remat.MLP_IN, history_of(self, "w_in")
+        )
         hidden = hidden + self.b_in[...].astype(dt)
         hidden = jax.nn.gelu(hidden, approximate=self.approximate)
         hidden = self.shard(hidden, ("batch", "length", "act_mlp"))
-        out = weight_einsum("BLF,FD->BLD", hidden, self.w_out[...], dt, remat.MLP_OUT)
+        out = weight_einsum(
+            "BLF,FD->BLD", hidden, self.w_out[...], dt, remat.MLP_OUT, history_of(self, "w_out")
+        )
         return out + self.b_out[...].astype(dt)

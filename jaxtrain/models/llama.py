@@ -60,9 +60,11 @@ class Block(nnx.Module):
             qkv_bias=cfg.qkv_bias,
             qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None,
             window=cfg.sliding_window or None,
+            fp8_history=cfg.fp8_steps(),
         )
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         kind, width = (MoE, cfg.moe) if cfg.moe.num_experts else (MLP, cfg.mlp_dim)
+        fp8 = {} if cfg.moe.num_experts else {"fp8_history": cfg.fp8_steps()}
         self.mlp = kind(
             cfg.d_model,
             width,
@@ -71,6 +73,7 @@ class Block(nnx.Module):
             compute_dtype=cdt,
             shard=shard,
             rngs=rngs,
+            **fp8,
         )
         self.dropout = cfg.dropout
         self.shard = shard

@@ -43,6 +43,8 @@ _REPLICATED: dict[str, MeshAxes] = {
     "rel_buckets": None,  # rows of T5's relative position bias table
     "exp": "expert",  # the experts of a mixture-of-experts layer's stacked weights
     "router": None,  # a router's output: one score per expert
+    "fp8_tensor": None,  # a float8 projection's amax history: rows x, w, g ...
+    "fp8_history": None,  # ... by the steps it remembers
 }
 
 _ZERO3 = _REPLICATED | {"embed": "fsdp"}

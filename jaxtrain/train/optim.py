@@ -38,9 +38,10 @@ def schedule_count(opt_state: Any) -> jax.Array:
 
 
 def decay_mask(logical: Any) -> Any:
-    """True for parameters that get weight decay: all but norm scales (and biases)."""
+    """True for parameters that get weight decay: all but norm scales, biases and float8
+    amax histories (which the step overwrites)."""
     return jax.tree.map(
-        lambda axes: "norm" not in axes and "bias" not in axes,
+        lambda axes: not {"norm", "bias", "fp8_history"} & set(axes),
         logical,
         is_leaf=lambda x: isinstance(x, tuple),
     )

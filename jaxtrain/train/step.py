@@ -25,7 +25,7 @@ from jaxtrain.models.dense import weight_gradients_in
 from jaxtrain.sharding.context import zigzag_batch
 from jaxtrain.sharding.grad_comm import reduce_shards
 from jaxtrain.sharding.memory import on_device
-from jaxtrain.train import loss_scale
+from jaxtrain.train import fp8_history, loss_scale
 from jaxtrain.train.loss import chunk_count, chunked_cross_entropy_sum
 from jaxtrain.train.moe_loss import Sums, penalty, router_metrics, router_sums
 from jaxtrain.train.offload import fetch, store, streamed
@@ -144,6 +144,8 @@ def make_train_step(
     ``local`` the step's reduction (:mod:`jaxtrain.sharding.grad_comm`), else the weight
     matmuls' gradients (:func:`jaxtrain.models.dense.weight_gradients_in`).
     """
+    # Float8 projections' amax histories: "gradients" that are the amaxes seen.
+    histories = fp8_history.mask(spec.logical)
     # Without local accumulation the reductions follow the weight matmuls' gradients.
     matmul_grads = jnp.bfloat16 if grad_comm == "bfloat16" and local is None else jnp.float32
 
@@ -213,7 +215,7 @@ def make_train_step(
             grads, loss_sum, count, sums = carry
             mb, index = xs
             g, l, c, s = grad_fn(params, mb, jax.random.fold_in(key, index), scale)
-            grads = jax.tree.map(jnp.add, grads, g)
+            grads = fp8_history.combine(histories, grads, g)
             if spec.param_shardings is not None:
                 grads = jax.lax.with_sharding_constraint(grads, spec.param_shardings)
             return (grads, loss_sum + l, count + c, jax.tree.map(jnp.add, sums, s)), None
@@ -238,11 +240,13 @@ def make_train_step(
         else:
             grads, loss_sum, count, sums = grads_and_loss(old_params, batch, key, scale)
         divisor = count if scale is None else count * scale
+        grads, seen = fp8_history.split(histories, grads)
         grads = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), grads, old_params)
         # An offloaded optimizer state is read onto the devices for the update only.
         old_opt = state.opt_state if offload is None else fetch(state.opt_state, offload)
         updates, opt_state = tx.update(grads, old_opt, old_params)
         params = optax.apply_updates(old_params, updates)
+        params = fp8_history.record(histories, params, old_params, seen)
         loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
         finite_loss, finite_grads = jnp.isfinite(loss), jnp.isfinite(grad_norm)
         # Under loss scaling non-finite gradients are an overflow, routine and not a fault.
@@ -265,7 +269,7 @@ def make_train_step(
             "lr": lr_schedule(schedule_count(old_opt)),
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
-            "param_norm": optax.tree.norm(params),
+            "param_norm": optax.tree.norm(fp8_history.split(histories, params)[0]),
             "skipped_steps": skipped,
         } | router_metrics(sums, count)
         scaled = state.loss_scale

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.errors import UserError
+from jaxtrain.models.fp8 import is_history_path
 from jaxtrain.models.hf.config import (
     ARCHITECTURE_FIELDS,
     MOE_ARCHITECTURE_FIELDS,
@@ -124,7 +125,9 @@ def load_params(
         one = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract_params)
     placements = _flat(shardings)
-    assert set(wanted) == set(shapes), set(wanted) ^ set(shapes)
+    # Float8 amax histories (model.fp8) are not in HF checkpoints: they start empty.
+    empty = {path for path in shapes if is_history_path(path)}
+    assert set(wanted) == set(shapes) - empty, set(wanted) ^ (set(shapes) - empty)
     with Checkpoint(directory) as ckpt:
         resolved = {}
         for path, src in wanted.items():
@@ -159,7 +162,12 @@ def load_params(
                 ),
             )
             for path, leaf in shapes.items()
+            if path not in empty
         }
+        for path in empty:
+            leaf = shapes[path]
+            zeros = np.zeros(leaf.shape, leaf.dtype)
+            out[path] = place(leaf.shape, leaf.dtype, placements[path], lambda i, z=zeros: z[i])
     return _unflat(out)
 
 
