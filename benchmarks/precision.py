@@ -24,7 +24,9 @@ VARIANTS = {
     "float32": [],
     "bfloat16 compute": ["model.compute_dtype=bfloat16"],
     "float16 + loss scaling": ["model.compute_dtype=float16"],
+    "bfloat16 + fp8 matmuls": ["model.compute_dtype=bfloat16", "model.fp8=true"],
     "float32, opt state on host": ["train.offload=opt_state"],
+    "float32, opt state + params on host": ["train.offload=opt_state+params"],
     "float32, remat full": ["model.remat=full"],
     "float32, remat save_qkvo_proj": ["model.remat=save_qkvo_proj"],
 }
