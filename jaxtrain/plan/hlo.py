@@ -6,9 +6,10 @@ multiply. The bytes of an op are the size of the whole array it exchanges, per d
 an all-gather's result, a reduce-scatter's operand, an all-reduce's, all-to-all's or
 permute's result (for a tuple, the sum of its elements).
 
-XLA:CPU widens bfloat16 collectives to float32 (a convert on each side), so
-``program_bytes`` also counts each op at the dtype the program asked for: an f32 op whose
-operand was converted from bf16 counts half. XLA:CPU also writes a reduce-scatter as an
+XLA:CPU widens bfloat16 collectives to float32 and float8 ones to float16 (a convert on
+each side), so ``program_bytes`` also counts each op at the dtype the program asked for:
+an f32 op whose operand was converted from bf16, or an f16 op whose operand was
+converted from float8, counts half. XLA:CPU also writes a reduce-scatter as an
 all-reduce followed by a slice; on CPU such reductions appear as all-reduce.
 """
 
@@ -125,22 +126,29 @@ def _multipliers(
     return runs
 
 
+# XLA:CPU's widenings: the type a collective runs in -> the narrower one it came from.
+_WIDENINGS = {"f32[": ("bf16",), "f16[": ("f8e4m3fn", "f8e5m2")}
+
+
 def _widened(inst: _Instruction, types: dict[str, _Instruction], computations) -> bool:
-    """Whether an f32 collective's operand was converted up from bf16 (XLA:CPU's widening)."""
-    if "f32[" not in inst.type:
+    """Whether a collective's operand was converted up from a type half as wide
+    (XLA:CPU's widening: bf16 to f32, float8 to f16)."""
+    wide = next((w for w in _WIDENINGS if re.search(rf"(?<![a-z]){re.escape(w)}", inst.type)), None)
+    if wide is None:
         return False
+    narrow = _WIDENINGS[wide]
     first = re.match(r"\s*%([\w.\-]+)", inst.rest)
     producer = types.get(first[1]) if first else None
     if producer is None:
         return False
     if producer.opcode == "convert":
         source = re.match(r"\s*%([\w.\-]+)", producer.rest)
-        return bool(source) and types.get(source[1], producer).type.startswith("bf16")
+        return bool(source) and types.get(source[1], producer).type.startswith(narrow)
     if producer.opcode == "fusion":
         callee = re.search(r"calls=%([\w.\-]+)", producer.rest)
         body = computations.get(callee[1], []) if callee else []
-        return any(i.type.startswith("bf16") for i in body) and any(
-            i.opcode == "convert" and i.type.startswith("f32") for i in body
+        return any(i.type.startswith(narrow) for i in body) and any(
+            i.opcode == "convert" and i.type.startswith(wide) for i in body
         )
     return False
 
