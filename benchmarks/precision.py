@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         sets = [a for o in overrides for a in ("--set", o)]
         results.append(run_child(name, [str(HERE / "jax_run.py"), *common, *sets], child_env(1)))
     base = results[0].get("step_s")
-    print(f"{'variant':<32}{'compile s':>10}{'s/step':>10}{'vs float32':>12}{'final loss':>12}")
+    print(f"{'variant':<38}{'compile s':>10}{'s/step':>10}{'vs float32':>12}{'final loss':>12}")
     for r in results:
         if "step_s" not in r:
-            print(f"{r['name']:<32}{r.get('error')}")
+            print(f"{r['name']:<38}{r.get('error')}")
             continue
         ratio = f"{r['step_s'] / base:.2f}x" if base else "-"
         print(
-            f"{r['name']:<32}{r['compile_s']:>10.1f}{r['step_s']:>10.2f}{ratio:>12}"
+            f"{r['name']:<38}{r['compile_s']:>10.1f}{r['step_s']:>10.2f}{ratio:>12}"
             f"{r['losses'][-1]:>12.4f}"
         )
     if args.json:

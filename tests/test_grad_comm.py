@@ -5,6 +5,8 @@ layout the presets produce; whole steps stay within a small margin of float32
 communication; and the compiled step's collectives carry the narrow bytes.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +105,7 @@ LOCAL = (
 )
 
 
+@functools.cache
 def losses_and_gradient_norms(overrides):
     """Per step of :func:`run` (3 AdamW steps): the loss and the gradient's norm."""
     cfg = config.load(None, [*STEPS, *overrides])
@@ -125,7 +128,7 @@ def test_steps_stay_within_a_margin_of_float32_communication(layout, dtype, marg
     bfloat16), yet not equal: the narrow dtype was used. (The parameters are no measure:
     AdamW's first updates are about lr times the gradient's sign, which a rounding flips
     for the smallest elements.)"""
-    losses, norms = losses_and_gradient_norms([*layout, f"train.grad_comm_dtype={dtype}"])
+    losses, norms = losses_and_gradient_norms((*layout, f"train.grad_comm_dtype={dtype}"))
     ref_losses, ref_norms = losses_and_gradient_norms(layout)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     difference = np.abs(norms - ref_norms) / ref_norms
