@@ -213,12 +213,10 @@ def test_hugging_face_weights_in_and_out_of_an_fp8_model(tmp_path):
 
 def test_zero3_gathers_float8_weights():
     """The weights are quantized where they lie, split over fsdp, and gathered as float8:
-    the compiled step's gathers move about half of the bfloat16 step's bytes (all but
-    the embedding, head and norms are float8 projections)."""
-    gathered = []
-    for extra in ([], ["model.fp8=true"]):
-        cfg = config.load(None, [*TINY, "model.compute_dtype=bfloat16", *extra])
-        plan = make_plan(build_program(cfg, make_mesh(cfg)))
-        gathered.append(plan.traffic["all-gather"].program_bytes)
-    bf16, fp8 = gathered
-    assert 0.45 * bf16 < fp8 < 0.6 * bf16
+    the compiled step's gathers move about half of what ZeRO-3 gathers at bfloat16 (a
+    bfloat16 step moves 0.87 of it here; all but the embedding, head and norms are
+    float8 projections)."""
+    cfg = config.load(None, [*TINY, "model.compute_dtype=bfloat16", "model.fp8=true"])
+    plan = make_plan(build_program(cfg, make_mesh(cfg)))
+    gathered, at_bf16 = plan.traffic["all-gather"].program_bytes, plan.ideal.gather
+    assert 0.35 * at_bf16 < gathered < 0.6 * at_bf16
