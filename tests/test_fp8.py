@@ -3,6 +3,7 @@ float8's quantization bound of the float32 dot, scales that follow the amax hist
 histories the step records, and a sharded FP8 step equal to the one-device FP8 step."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -133,33 +134,41 @@ def test_the_gradient_of_a_history_is_the_amaxes_seen_and_the_step_records_them(
 FP8 = ("model.fp8=true", "model.fp8_history=4")
 
 
-@pytest.fixture(scope="module")
-def one_device_fp8():
-    return run([*FP8, "mesh.fsdp=1"], jax.devices()[:1])
+@functools.cache
+def one_device_fp8(*extra):
+    return run([*FP8, "mesh.fsdp=1", *extra], jax.devices()[:1])
 
 
 @pytest.mark.parametrize(
-    "layout",
-    [("mesh.fsdp=8",), ("mesh.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")],
-    ids=["fsdp8", "dp2_fsdp2_tp2"],
+    "layout, extra",
+    [
+        (("mesh.fsdp=8",), ()),
+        (
+            ("mesh.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+            ("train.microbatches=2", "model.remat=full"),
+        ),
+    ],
+    ids=["fsdp8", "dp2_fsdp2_tp2_microbatches2_remat"],
 )
-def test_sharded_fp8_step_equals_one_device(one_device_fp8, layout):
+def test_sharded_fp8_step_equals_one_device(layout, extra):
     """Three FP8 AdamW steps on 8 devices: the same losses and amax histories as one
-    device (the amaxes are global maxima, so every device scales the same) and the same
-    parameters. Float32 sums in another order can tip a value across a float8 rounding
-    boundary, one float8 step (6%) for that element, so the parameters are held to 5e-5
-    of their scale rather than float32 layouts' 1e-5 (measured: 1.4e-5)."""
-    (losses, state), (ref_losses, ref_state) = run([*FP8, *layout], jax.devices()), one_device_fp8
+    device with the same microbatches (the amaxes are global maxima, so every device
+    scales the same) and the same parameters. Float32 sums in another order can tip a
+    value across a float8 rounding boundary, one float8 step (6%) for that element, so
+    the parameters are held to 5e-5 of their scale rather than float32 layouts' 1e-5
+    (measured: 1.4e-5)."""
+    losses, state = run([*FP8, *layout, *extra], jax.devices())
+    ref_losses, ref_state = one_device_fp8(*extra)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     errors = jax.tree.map(relative_error, state.params, ref_state.params)
     for path, error in jax.tree_util.tree_leaves_with_path(errors):
         assert error <= (1e-5 if is_history_path(tuple(k.key for k in path)) else 5e-5), errors
 
 
-def test_the_histories_fill_step_by_step(one_device_fp8):
+def test_the_histories_fill_step_by_step():
     """After three steps each history holds three amaxes, newest first, and nothing
     else; the step's amaxes are positive and finite."""
-    _, state = one_device_fp8
+    _, state = one_device_fp8()
     hist = np.asarray(state.params["blocks"]["attn"]["wq_fp8"])  # [layers, 3, 4]
     assert hist.shape == (2, 3, 4)
     assert np.all(np.isfinite(hist[:, :, :3])) and np.all(hist[:, :, :3] > 0)
