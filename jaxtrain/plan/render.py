@@ -85,7 +85,7 @@ def print_traffic(plan: Plan, console: Console) -> None:
         console.print(
             "(XLA:CPU has one memory: the device copies of offloaded parameters, one layer "
             "at a time in the layer scan, the rest of the model whole, and all of it for "
-            "the update, are not in these temporaries; on GPU or TPU they are)",
+            "the update, need not be in these temporaries; on GPU or TPU they are)",
             style="dim",
             highlight=False,
         )

@@ -20,11 +20,11 @@ import numpy as np
 from jaxtrain.plan.hlo import KINDS, Traffic, collective_traffic
 from jaxtrain.plan.table import state_plan
 from jaxtrain.sharding.batch_shards import per_shard_shardings, shard_count
+from jaxtrain.sharding.grad_comm import WIRE_DTYPES
 from jaxtrain.sharding.traffic import IdealTraffic, itemsize, zero_ideal
 from jaxtrain.train.loop import step_peak
 from jaxtrain.train.program import Program, accumulates_locally
 
-GRAD_COMM_BYTES = {"float32": 4, "bfloat16": 2, "fp8": 1}  # per gradient element sent
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the device's memory
 
 
@@ -137,7 +137,7 @@ def make_plan(program: Program) -> Plan:
         program.abstract_state.params,
         program.state_shardings.params,
         gather_itemsize=itemsize(cfg.model.compute_dtype),
-        reduce_itemsize=GRAD_COMM_BYTES[cfg.train.grad_comm_dtype],
+        reduce_itemsize=itemsize(WIRE_DTYPES.get(cfg.train.grad_comm_dtype, "float32")),
     )
     traffic = collective_traffic(compiled.as_text())
     devices = program.mesh.devices.flat
