@@ -560,6 +560,11 @@ class TrainConfig:
     loss_scale: LossScaleConfig = LossScaleConfig()
     offload: str = "none"
 
+    @property
+    def offloads_params(self) -> bool:
+        """Whether the master weights live in host memory (``offload=opt_state+params``)."""
+        return self.offload == "opt_state+params"
+
     def profile_steps(self) -> tuple[int, int] | None:
         """(first, last) step of ``profile``, or None."""
         if not self.profile:
@@ -742,7 +747,7 @@ class Config:
             "shard); use sharded",
         )
         _check(
-            not (self.train.offload == "opt_state+params" and self.model.remat_fraction < 1),
+            not (self.train.offloads_params and self.model.remat_fraction < 1),
             "model.remat_fraction",
             f"{self.model.remat_fraction} splits the layer scan by slicing the stacked "
             "parameters, which train.offload=opt_state+params keeps in host memory; use 1",

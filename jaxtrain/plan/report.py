@@ -115,7 +115,7 @@ def make_plan(program: Program) -> Plan:
     parameters = sum(r.bytes_per_device for r in params)
     offload = program.config.train.offload
     host = (optimizer if offload != "none" else 0) + (
-        parameters if offload == "opt_state+params" else 0
+        parameters if program.config.train.offloads_params else 0
     )
     # XLA:CPU has one memory and counts host arguments (passed in, returned, donated) with
     # the rest; on GPU/TPU its analysis keeps them apart (host_argument_size_in_bytes).
@@ -130,7 +130,7 @@ def make_plan(program: Program) -> Plan:
         temporaries=stats.temp_size_in_bytes,
         peak=step_peak(stats) - lumped,
         host=host,
-        params_on_host=offload == "opt_state+params",
+        params_on_host=program.config.train.offloads_params,
     )
     cfg = program.config
     ideal = zero_ideal(

@@ -62,7 +62,7 @@ class Program:
     def device_params(self, params: Any) -> Any:
         """``params`` on the devices: copied there from host memory when the config
         offloads them (``train.offload=opt_state+params``), else as they are."""
-        if self.config.train.offload != "opt_state+params":
+        if not self.config.train.offloads_params:
             return params
         return jax.device_put(params, self.spec.param_shardings)
 
@@ -148,7 +148,7 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         "loss_chunk_tokens": config.train.loss_chunk_tokens,
         "row_shards": shard_count(batch_sharding),
     }
-    offload_params = spec.param_shardings if config.train.offload == "opt_state+params" else None
+    offload_params = spec.param_shardings if config.train.offloads_params else None
     step = make_train_step(
         spec,
         tx,

@@ -114,7 +114,7 @@ def state_shardings(
     params = spec.param_shardings
     if cfg.train.offload != "none":
         opt_state = in_memory(opt_state, HOST)
-    if cfg.train.offload == "opt_state+params":
+    if cfg.train.offloads_params:
         params = in_memory(params, HOST)
     shardings = TrainState(
         step=replicated,
