@@ -31,12 +31,15 @@ def shard_count(sharding: NamedSharding) -> int:
     return math.prod(sharding.mesh.shape[a] for a in batch_axes(sharding))
 
 
-def without_batch_axes(spec: PartitionSpec) -> tuple[PartitionSpec, bool]:
-    """``spec`` with the batch axes removed, and whether it had any."""
+def without_batch_axes(
+    spec: PartitionSpec, removed: tuple[str, ...] = BATCH_AXES
+) -> tuple[PartitionSpec, bool]:
+    """``spec`` with the batch axes (or the mesh axes ``removed``) taken out, and
+    whether it had any."""
     kept, had = [], False
     for entry in spec:
         axes = entry if isinstance(entry, tuple) else (entry,)
-        rest = tuple(a for a in axes if a is not None and a not in BATCH_AXES)
+        rest = tuple(a for a in axes if a is not None and a not in removed)
         had |= len(rest) < len([a for a in axes if a is not None])
         kept.append(rest if len(rest) > 1 else (rest[0] if rest else None))
     return PartitionSpec(*kept), had

@@ -33,6 +33,9 @@ from jaxtrain.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
+# Every axis that splits a step's tokens (rows, or positions under context parallelism):
+# a parameter's gradient is a sum over all of them.
+TOKEN_AXES = (*BATCH_AXES, "sequence")
 
 
 def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:

@@ -9,6 +9,13 @@ for optimizer state. In ZeRO terms (Rajbhandari et al., 2020):
 - ``fsdp_tp``: ``fsdp`` plus Megatron tensor parallelism (Shoeybi et al., 2019) on
   heads, MLP and vocabulary.
 - ``zero1``: parameters replicated, optimizer state split over ``data`` and ``fsdp``.
+
+Context parallelism (``sequence``) splits every activation's length, so its devices
+would otherwise each hold the same state, as data-parallel ways do. Wherever a preset
+splits state over ``fsdp`` it splits it over ``sequence`` too (ZeRO over the context-
+parallel ways, as MaxText shards weights over its context axis): ``sequence`` x N then
+divides the state N ways, instead of multiplying it N times per device. A size-1
+``sequence`` leaves every layout as it was.
 """
 
 from __future__ import annotations
@@ -47,9 +54,9 @@ _REPLICATED: dict[str, MeshAxes] = {
     "fp8_history": None,  # ... by the steps it remembers
 }
 
-_ZERO3 = _REPLICATED | {"embed": "fsdp"}
+_ZERO3 = _REPLICATED | {"embed": ("fsdp", "sequence")}
 _ZERO3_TP = _ZERO3 | {"vocab": "tensor", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor"}
-_ZERO1_OPT = _REPLICATED | {"embed": ("data", "fsdp")}
+_ZERO1_OPT = _REPLICATED | {"embed": ("data", "fsdp", "sequence")}
 
 
 @dataclasses.dataclass(frozen=True)

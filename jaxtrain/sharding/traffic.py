@@ -1,10 +1,11 @@
 """The ideal collective traffic of a data-parallel step, to compare a compiled one with.
 
 ZeRO-3 (Rajbhandari et al., 2020) moves, per device and step, each parameter sharded
-over the batch axes twice as an all-gather (forward, and again for the backward) and its
-gradient once as a reduce-scatter; a parameter replicated over the batch axes has its
-gradient all-reduced once. Sizes are per device after any tensor-parallel split, which
-the batch-axis collectives never undo.
+over the axes that split the tokens (the batch axes, and ``sequence`` under context
+parallelism) twice as an all-gather (forward, and again for the backward) and its
+gradient once as a reduce-scatter; a parameter replicated over them has its gradient
+all-reduced once. Sizes are per device after any tensor-parallel split, which these
+collectives never undo.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxtrain.sharding.batch_shards import without_batch_axes
-from jaxtrain.sharding.mesh import BATCH_AXES
+from jaxtrain.sharding.mesh import TOKEN_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +46,14 @@ def zero_ideal(
     for leaf, sharding in zip(
         jax.tree.leaves(abstract_params), jax.tree.leaves(shardings), strict=True
     ):
-        spec, sharded = without_batch_axes(sharding.spec)
+        spec, sharded = without_batch_axes(sharding.spec, TOKEN_AXES)
         mesh = sharding.mesh
-        batch_ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        token_ways = math.prod(mesh.shape[a] for a in TOKEN_AXES)
         elements = math.prod(NamedSharding(mesh, spec).shard_shape(leaf.shape))
         if sharded:
             gather += 2 * elements * gather_itemsize
             scatter += elements * reduce_itemsize
-        elif batch_ways > 1:
+        elif token_ways > 1:
             reduce += elements * reduce_itemsize
     return IdealTraffic(gather, scatter, reduce)
 
