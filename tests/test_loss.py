@@ -235,7 +235,7 @@ def scan_carries(jaxpr):
 
 
 def test_head_gradient_sums_over_chunks_in_float32():
-    """bfloat16 compute: the backward scan carries the head's gradient [1, D, V] in
+    """bfloat16 compute: the backward scan carries the head's gradient [1, 1, D, V] in
     float32 (the cast to bfloat16 happens inside each chunk's body)."""
     cfg = tiny("llama", "model.compute_dtype=bfloat16")
     spec = model_spec(cfg, None, None)
@@ -243,13 +243,15 @@ def test_head_gradient_sums_over_chunks_in_float32():
     grad = value_and_grad(functools.partial(chunked_loss, spec), batch, 4)
     jaxpr = jax.make_jaxpr(grad)(spec.abstract_params)
     d, v = cfg.model.d_model, VOCAB
-    carried = [a for a in scan_carries(jaxpr.jaxpr) if a.shape == (1, d, v)]
+    carried = [a for a in scan_carries(jaxpr.jaxpr) if a.shape == (1, 1, d, v)]
     assert carried and all(a.dtype == jnp.float32 for a in carried), carried
 
 
 def test_sequence_sharded_chunks_stay_local():
     """A length split over ``sequence`` (and rows over ``data``, vocabulary over
-    ``tensor``): the interleaved chunks need no all-gather, all-to-all or permute."""
+    ``tensor``): the interleaved chunks need no all-gather, all-to-all or permute, and
+    with a copy of the head per run of positions (``sequence_shards``) no chunk's head
+    gradient is reduced inside the loop; with one copy per row shard it is."""
     rules = preset("fsdp_tp")
     rules = dataclasses.replace(rules, params=(*rules.params, ("length", "sequence")))
     mesh = jax.make_mesh((2, 1, 1, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 5)
@@ -271,26 +273,40 @@ def test_sequence_sharded_chunks_stay_local():
         put(weights, *tokens),
     )
 
-    def loss(hidden, weight, bias, targets, weights, chunks, row_shards):
+    def loss(hidden, weight, bias, targets, weights, chunks, row_shards, ways):
         head = VocabHead(weight, bias, tied=True, dtype=jnp.float32, shard=shard, scale=0.5)
         return chunked_cross_entropy_sum(
-            hidden, head, targets, weights, chunks=chunks, row_shards=row_shards
+            hidden,
+            head,
+            targets,
+            weights,
+            chunks=chunks,
+            row_shards=row_shards,
+            sequence_shards=ways,
         )[0]
 
-    def run(chunks, row_shards=2):
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(5, 6))
-        compiled = fn.lower(*args, chunks, row_shards).compile()
+    def run(chunks, row_shards=2, ways=2):
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(5, 6, 7))
+        compiled = fn.lower(*args, chunks, row_shards, ways).compile()
         return jax.device_get(compiled(*args)), compiled.as_text()
 
     (whole, whole_grads), _ = run(1)
     (value, grads), hlo = run(4)  # 4 chunks of 8 positions: 4 per device
     (odd_value, odd_grads), _ = run(4, row_shards=3)  # not dividing B: one shared copy
-    for v, gs in ((value, grads), (odd_value, odd_grads)):
+    (one_value, one_grads), one_copy = run(4, ways=1)  # one copy per row shard
+    (few_value, few_grads), _ = run(16)  # 16 x 2 does not divide 32: one copy per row shard
+    for v, gs in ((value, grads), (odd_value, odd_grads), (one_value, one_grads),
+                  (few_value, few_grads)):  # fmt: skip
         np.testing.assert_allclose(v, whole, rtol=1e-6)
         for g, ref in zip(gs, whole_grads, strict=True):
             assert relative_error(g, ref) <= 1e-5
     moved = [c for c in collectives(hlo) if c[0] != "all-reduce"]
     assert not moved, moved
+    # Inside the loop only tensor parallelism's per-token sums remain (softmax
+    # statistics, the hidden state's gradient); nothing of vocabulary size (V/2 = 40).
+    vocab_dims = re.compile(r"\b(40|80)\b")
+    assert not [c for c in collectives(hlo, in_loops=True) if vocab_dims.search(c[1])]
+    assert [c for c in collectives(one_copy, in_loops=True) if vocab_dims.search(c[1])]
 
 
 @functools.cache

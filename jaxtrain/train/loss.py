@@ -61,34 +61,39 @@ def chunk_count(rows: int, length: int, chunk_tokens: int) -> int:
     return need
 
 
-def _chunks(x: jax.Array, n: int, replicas: int) -> jax.Array:
-    """[B, L, ...] -> [n, S, B/S, L/n, ...] for S ``replicas``: chunk j takes positions
-    j, j+n, j+2n, ... of every row, and rows keep their order, S-major.
+def _chunks(x: jax.Array, n: int, replicas: int, ways: int) -> jax.Array:
+    """[B, L, ...] -> [n, S, Q, B/S, L/(nQ), ...] for S ``replicas`` and Q ``ways``:
+    chunk j takes positions j, j+n, j+2n, ... of every row, rows keep their order,
+    S-major, and each chunk's positions are split into Q runs, Q-major.
 
     Interleaving positions (like the microbatches of :mod:`jaxtrain.train.step` rows)
     leaves every device's shard of B, and of L if it is sharded, spread evenly over the
     chunks; with S the number of devices B is split over, device s holds exactly the rows
-    of replica s. Splitting moves no data between devices.
+    of replica s, and with Q the number L is split over (``n * Q`` dividing L), device q
+    holds exactly the positions of run q. Splitting moves no data between devices.
     """
     b, length = x.shape[:2]
-    x = x.reshape(replicas, b // replicas, length // n, n, *x.shape[2:])
-    return jnp.moveaxis(x, 3, 0)
+    x = x.reshape(replicas, b // replicas, ways, length // (n * ways), n, *x.shape[2:])
+    return jnp.moveaxis(x, (4, 2), (0, 2))
 
 
-def _replicate(head: VocabHead, n: int) -> VocabHead:
-    """The head with its parameters broadcast to ``n`` copies [n, ...], copy s on the
-    devices holding replica s of the rows, each whole over D.
+def _replicate(head: VocabHead, n: int, ways: int) -> VocabHead:
+    """The head with its parameters broadcast to ``n`` x ``ways`` copies [n, ways, ...],
+    copy (s, q) on the devices holding replica s of the rows and run q of the positions,
+    each whole over D.
 
     Constrained outside the scan, the parameters are gathered over D once, not once per
-    chunk. And since each device computes only its own rows' share of the gradient, a
-    copy per row shard lets each accumulate that share over the chunks locally; the
+    chunk. And since each device computes only its own tokens' share of the gradient, a
+    copy per token shard lets each accumulate that share over the chunks locally; the
     broadcast's transpose then sums the copies once, after the scan. With one copy for
-    all rows, every chunk's share would be all-reduced over the batch's devices.
+    all tokens, every chunk's share would be all-reduced over the devices that split
+    them (the batch's, and ``sequence`` under context parallelism).
     """
     rows = "batch" if n > 1 else None
+    runs = "length" if ways > 1 else None
 
     def copies(p: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-        return head.shard(jnp.broadcast_to(p, (n, *p.shape)), (rows, *axes))
+        return head.shard(jnp.broadcast_to(p, (n, ways, *p.shape)), (rows, runs, *axes))
 
     bias = None if head.bias is None else copies(head.bias, ("act_vocab",))
     return head.replace(weight=copies(head.weight, head.weight_axes), bias=bias)
@@ -102,6 +107,7 @@ def chunked_cross_entropy_sum(
     *,
     chunks: int,
     row_shards: int = 1,
+    sequence_shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`cross_entropy_sum` of the logits ``head(hidden)``, formed a chunk at a time.
 
@@ -123,6 +129,9 @@ def chunked_cross_entropy_sum(
             each holds a float32 copy of the head's parameters and of their gradient, so
             that the gradient is reduced over devices once, not once per chunk. 1 (one
             shared copy) is always correct; a count that does not divide B is taken as 1.
+        sequence_shards: the number of devices L is split over (context parallelism),
+            each holding a copy too for the same reason; taken as 1 unless ``chunks``
+            times it divides L.
 
     Returns:
         (summed loss, number of counted tokens), both float32 scalars.
@@ -130,6 +139,7 @@ def chunked_cross_entropy_sum(
     if chunks == 1:
         return cross_entropy_sum(head(hidden), targets, weights)
     replicas = row_shards if targets.shape[0] % row_shards == 0 else 1
+    ways = sequence_shards if targets.shape[1] % (chunks * sequence_shards) == 0 else 1
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
     weights = weights.astype(jnp.float32)
     count = jnp.sum(weights)
@@ -139,29 +149,31 @@ def chunked_cross_entropy_sum(
             jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
             for x in (hidden, targets, weights)
         )
-    heads = _replicate(head, replicas)
+    heads = _replicate(head, replicas, ways)
     # The logits' rows [S, B/S] lie as B does: S split over the batch's devices, or B/S
-    # with one copy; a B that row_shards does not divide is left to XLA.
+    # with one copy; a B that row_shards does not divide is left to XLA. Their positions
+    # [Q, C/Q] lie as L does: Q split over its devices, or C/Q with one copy.
     rows = None
     if replicas > 1:
         rows = ("batch", None)
     elif row_shards == 1:
         rows = (None, "batch")
+    runs = ("length", None) if ways > 1 else (None, "length")
 
     # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward.
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(heads: VocabHead, x: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
-        """x [S, B/S, C, D], t and w [S, B/S, C] -> [S] summed losses; the logits
-        [S, B/S, C, V] are freed, and recomputed for the gradient."""
-        logits = jax.vmap(lambda h, x: h.project(x))(heads, x)
+        """x [S, Q, B/S, C/Q, D], t and w [S, Q, B/S, C/Q] -> [S, Q] summed losses; the
+        logits [S, Q, B/S, C/Q, V] are freed, and recomputed for the gradient."""
+        logits = jax.vmap(jax.vmap(lambda h, x: h.project(x)))(heads, x)
         if rows is not None:
-            logits = head.shard(logits, (*rows, "length", "act_vocab"))
+            logits = head.shard(logits, (rows[0], runs[0], rows[1], runs[1], "act_vocab"))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, t)
-        return jnp.sum(losses * w, axis=(1, 2))
+        return jnp.sum(losses * w, axis=(2, 3))
 
     def body(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total + chunk_loss(heads, *chunk), None
 
-    xs = tuple(_chunks(x, chunks, replicas) for x in (hidden, targets, weights))
-    total, _ = jax.lax.scan(body, jnp.zeros((replicas,), jnp.float32), xs)  # [S]
+    xs = tuple(_chunks(x, chunks, replicas, ways) for x in (hidden, targets, weights))
+    total, _ = jax.lax.scan(body, jnp.zeros((replicas, ways), jnp.float32), xs)  # [S, Q]
     return jnp.sum(total), count

@@ -102,9 +102,16 @@ def _loss_sum(
     (hidden, head), stats = out if spec.moe is not None else (out, {})
     targets, weights = batch["targets"], batch.get("weights")
     rows, length = targets.shape
-    chunks = chunk_count(-(-rows // row_shards), length, chunk_tokens)
+    ways = spec.sequence_ways  # each device holds length / ways positions of its rows
+    chunks = chunk_count(-(-rows // row_shards), length // ways, chunk_tokens)
     loss_sum, count = chunked_cross_entropy_sum(
-        hidden, head, targets, weights, chunks=chunks, row_shards=row_shards
+        hidden,
+        head,
+        targets,
+        weights,
+        chunks=chunks,
+        row_shards=row_shards,
+        sequence_shards=ways,
     )
     return loss_sum, count, router_sums(stats, count)
 
