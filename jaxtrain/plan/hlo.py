@@ -11,6 +11,10 @@ each side), so ``program_bytes`` also counts each op at the dtype the program as
 an f32 op whose operand was converted from bf16, or an f16 op whose operand was
 converted from float8, counts half. XLA:CPU also writes a reduce-scatter as an
 all-reduce followed by a slice; on CPU such reductions appear as all-reduce.
+
+A collective whose every replica group is one device (``{{0},{1},...}``, or a mesh group
+over axes of size 1: what ``shard_map``'s transpose emits for a sum over axes that split
+nothing) moves no bytes and is not counted.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ _CALLEE = re.compile(
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_GROUPS = re.compile(r"replica_groups=\{(\{[^}]*\})")  # the first explicit group
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")  # [groups, size]<=[...]
 
 
 @dataclasses.dataclass
@@ -153,6 +160,20 @@ def _widened(inst: _Instruction, types: dict[str, _Instruction], computations) -
     return False
 
 
+def _alone(inst: _Instruction) -> bool:
+    """Whether every replica group of a collective is a single device."""
+    explicit = _GROUPS.search(inst.rest)
+    if explicit:
+        return "," not in explicit[1]
+    mesh = _MESH_GROUPS.search(inst.rest)
+    if mesh:
+        sizes = dict(re.findall(r"'([\w]+)'=(\d+)", mesh[1]))
+        over = re.findall(r"'([\w]+)'", mesh[2])
+        return math.prod(int(sizes.get(a, 1)) for a in over) == 1
+    iota = _IOTA_GROUPS.search(inst.rest)
+    return bool(iota) and iota[1] == "1"
+
+
 def collective_traffic(hlo_text: str) -> dict[str, Traffic]:
     """Per-device collective traffic of one execution of an optimized HLO module."""
     computations, order, entry = _parse(hlo_text)
@@ -162,7 +183,7 @@ def collective_traffic(hlo_text: str) -> dict[str, Traffic]:
     for name, body in computations.items():
         for inst in body:
             kind = inst.opcode.removesuffix("-start")
-            if kind not in traffic or not runs[name]:
+            if kind not in traffic or not runs[name] or _alone(inst):
                 continue
             operands = re.findall(r"%([\w.\-]+)", inst.rest.split(")")[0])
             operand_bytes = sum(array_bytes(types[o].type) for o in operands if o in types)
