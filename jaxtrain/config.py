@@ -354,7 +354,7 @@ class MeshConfig:
     dcn_sequence: int = 1
 
     def __post_init__(self) -> None:
-        sizes = self._sizes()
+        sizes = self.axis_sizes()
         for name, size in sizes.items():
             _check(size == -1 or size >= 1, f"mesh.{name}", "must be >= 1 or -1 (fill)")
         _check(
@@ -382,7 +382,7 @@ class MeshConfig:
         have = f"{n_devices} devices"
         if n_processes > 1:
             have += f" ({n_processes} processes x {n_devices // n_processes} local devices)"
-        sizes = self._sizes()
+        sizes = self.axis_sizes()
         fixed = math.prod(s for s in sizes.values() if s != -1)
         for name, size in sizes.items():
             if size == -1:
@@ -415,7 +415,8 @@ class MeshConfig:
         )
         return sizes
 
-    def _sizes(self) -> dict[str, int]:
+    def axis_sizes(self) -> dict[str, int]:
+        """The configured size of each mesh axis (-1: fills the remaining devices)."""
         return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert,
                 "sequence": self.sequence, "tensor": self.tensor}  # fmt: skip
 

@@ -64,6 +64,8 @@ def candidates(cfg: Config, n_devices: int) -> list[Change]:
         )
     tensor = sizes["tensor"] * 2
     split = ("mesh.preset=fsdp_tp",) if mesh.preset != "fsdp_tp" else ()
+    if mesh.fsdp != -1 and -1 not in mesh.axis_sizes().values():
+        split += ("mesh.fsdp=-1",)  # the new tensor ways' devices come from fsdp
     out.append(Change(f"tensor parallel over {tensor}", (*split, f"mesh.tensor={tensor}")))
     if len(out) > 1:
         every = tuple(
