@@ -16,7 +16,7 @@ from tiny import TINY
 from jaxtrain import config
 from jaxtrain.cli import main
 from jaxtrain.errors import UserError
-from jaxtrain.plan.fit import candidates
+from jaxtrain.plan.fit import apply, candidates
 from jaxtrain.plan.hlo import array_bytes, collective_traffic
 from jaxtrain.plan.remat import print_remat
 from jaxtrain.plan.report import make_plan
@@ -41,6 +41,8 @@ HLO = """HloModule m
   %t = (s32[], f32[8,8]{1,0}) parameter(0)
   %x = f32[8,8]{1,0} get-tuple-element(%t), index=1
   %ar = f32[8,8]{1,0} all-reduce(%x), channel_id=1, to_apply=%add
+  %alone = f32[8,8]{1,0} all-reduce(%ar), channel_id=4, replica_groups={{0},{1}}, to_apply=%add
+  %m = f32[8,8]{1,0} all-reduce(%alone), replica_groups=MESH1, to_apply=%add
   %i = s32[] get-tuple-element(%t), index=0
   ROOT %r = (s32[], f32[8,8]{1,0}) tuple(%i, %ar)
 }
@@ -79,6 +81,7 @@ ENTRY %main (x: f32[64,8], y: bf16[4,8]) -> f32[8,8] {
 """
 HLO = HLO.replace("TRIP5", '{"known_trip_count":{"n":"5"}}')
 HLO = HLO.replace("TRIP3", '{"known_trip_count":{"n":"3"}}')
+HLO = HLO.replace("MESH1", "mesh['axis_0'=2,'axis_1'=1] {'axis_1'}")
 
 
 def test_hlo_traffic_counts_loops_trip_count_times():
@@ -88,7 +91,9 @@ def test_hlo_traffic_counts_loops_trip_count_times():
     # all-gather: 3 outer iterations of a 32x8 f32 result, widened from bf16.
     gather = traffic["all-gather"]
     assert (gather.ops, gather.bytes, gather.program_bytes) == (3, 3 * 1024, 3 * 512)
-    # all-reduce: 5 inner x 3 outer iterations; its f32 operand is not widened.
+    # all-reduce: 5 inner x 3 outer iterations; its f32 operand is not widened. The two
+    # whose groups are single devices (explicit, and over a mesh axis of size 1) move
+    # nothing.
     reduce = traffic["all-reduce"]
     assert (reduce.ops, reduce.bytes, reduce.program_bytes) == (15, 15 * 256, 15 * 256)
     assert traffic["all-to-all"].ops == traffic["collective-permute"].ops == 0
@@ -181,12 +186,19 @@ def test_candidates_cheapest_first():
     assert whys[2:4] == ["2 microbatches", "4 microbatches"]
     assert whys[4] == "context parallel over 2 (the length split)"
     assert whys[5] == "tensor parallel over 2" and whys[-1] == "all of the above"
-    first, *_, context, _, everything = candidates(cfg, 8)
+    first, *_, context, tensor, everything = candidates(cfg, 8)
+    assert tensor.overrides == ("mesh.preset=fsdp_tp", "mesh.tensor=2")  # fsdp fills
     assert first.overrides == ("mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1")
     assert context.overrides == ("mesh.fsdp=2", "mesh.sequence=2")
     assert not any("sequence" in o for o in everything.overrides)
     local = config.load(None, ["train.microbatches=2", "train.grad_accumulation=local"])
     assert candidates(local, 8)[0].overrides == ("train.grad_accumulation=sharded",)
+    # A fixed fsdp gives the new tensor ways their devices instead of asking for 16.
+    fixed = config.load(None, ["mesh.fsdp=4", "mesh.sequence=2"])
+    tensor = next(c for c in candidates(fixed, 8) if c.why.startswith("tensor"))
+    assert tensor.overrides == ("mesh.preset=fsdp_tp", "mesh.fsdp=-1", "mesh.tensor=2")
+    sizes = apply(fixed, tensor).check_devices(8)
+    assert (sizes["fsdp"], sizes["sequence"], sizes["tensor"]) == (2, 2, 2)
 
 
 def jaxtrain_plan(*args, env=None):
