@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from test_equivalence import STEPS, assert_same_run
 
 from jaxtrain.kernels.attention import xla_attention
+from jaxtrain.plan import state_plan
 from jaxtrain.sharding.context import local_context_attention, zigzag
 
 B, L, N, K, H = 2, 48, 4, 2, 8
@@ -33,7 +34,7 @@ def inputs(seed=0):
     return q, k, v, segments.astype(np.int32), cotangent
 
 
-def sharded(ways, mode, causal, window, packed, layout, query_chunk=512):
+def sharded(ways, mode, causal, window, packed, layout, query_chunk=512, impl="xla"):
     mesh = Mesh(np.asarray(jax.devices()[:ways]), ("sequence",))
     order = zigzag(L, ways) if layout == "zigzag" else np.arange(L)
     seq, idx = P(None, "sequence"), P("sequence")
@@ -41,7 +42,7 @@ def sharded(ways, mode, causal, window, packed, layout, query_chunk=512):
     def local(q, k, v, index, segments):
         return local_context_attention(
             q, k, v, index, segments if packed else None, mode=mode, causal=causal,
-            window=window, zigzag=layout == "zigzag", query_chunk=query_chunk,
+            window=window, zigzag=layout == "zigzag", query_chunk=query_chunk, impl=impl,
         )  # fmt: skip
 
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, idx, seq),
@@ -80,6 +81,7 @@ CASES = {
     "causal packed": (True, None, True),
     "causal window": (True, 7, False),
     "bidirectional window packed": (False, 5, True),
+    "bidirectional packed": (False, None, True),
 }
 MATRIX = [  # (mode, ways, layout, case, query chunk)
     ("ring", 2, "zigzag", "causal packed", 4),  # 24 local queries, 12 per zigzag half
@@ -108,6 +110,32 @@ def test_context_parallel_attention_equals_the_reference(mode, ways, layout, cas
     q, k, v, segments, cotangent = inputs()
     want, want_grads = expected(case)
     ring = sharded(ways, mode, causal, window, packed, layout, chunk)
+    got, got_grads = value_and_grads(ring, q, k, v, segments, cotangent)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+KERNEL_MATRIX = [  # (ways, case, whether every block is the kernel's)
+    (2, "causal packed", True),
+    (4, "bidirectional packed", True),
+    (2, "causal window", False),  # a window's masks depend on where a block sits
+]
+
+
+@pytest.mark.parametrize(
+    "ways,case,kernel", KERNEL_MATRIX, ids=[f"{w}-{c}" for w, c, _ in KERNEL_MATRIX]
+)
+def test_ring_blocks_by_the_flash_kernel_equal_the_reference(ways, case, kernel):
+    """``impl="pallas"``: the ring's blocks go through the Pallas flash kernel
+    (interpreted on CPU), its log-sum-exp folding the partial results and taking their
+    gradient; output and gradients equal the reference. A window keeps XLA blocks."""
+    causal, window, packed = CASES[case]
+    q, k, v, segments, cotangent = inputs()
+    want, want_grads = expected(case)
+    ring = sharded(ways, "ring", causal, window, packed, "zigzag", impl="pallas")
+    jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(lambda *x: ring(*x, segments), *a)[0])(q, k, v))
+    assert ("pallas_call" in jaxpr) == kernel
     got, got_grads = value_and_grads(ring, q, k, v, segments, cotangent)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
@@ -184,6 +212,13 @@ def one_device_packed():
 def test_training_steps_equal_one_device(layout):
     result, program = train(STEP_LAYOUTS[layout], jax.devices())
     assert_same_run(result, one_device_packed())
+    # ZeRO over the context-parallel ways too: the state is split over fsdp x sequence.
+    params, opt_state = state_plan(program)
+    for rows in (params, opt_state):
+        total, split = (
+            sum(getattr(r, f) for r in rows) for f in ("bytes_total", "bytes_per_device")
+        )
+        assert split < total / (4 if layout == "sequence2_tensor2_fsdp2" else 6)
     if program.mesh.shape["sequence"] == 8:
         # The ring sends K/V blocks [B, L/8, K, H] around (collective-permute) and
         # gathers no K/V. (The [B, L] batch arrays are gathered to be laid out zigzag.)

@@ -190,3 +190,33 @@ def test_tpu_index_maps_fetch_no_hidden_block(causal, window, q_len, k_len):
         nq,
         "dK/dV: query blocks per key block",
     )
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_ring_block_with_log_sum_exp_lowers(platform):
+    """What a context-parallel ring asks of the kernel at Llama 3 8B's 128k over 8 devices
+    (one device's 16k block, GQA, packed keys of another block): output and log-sum-exp,
+    both differentiated, lower through the same three kernels."""
+    q = jax.ShapeDtypeStruct((1, 16384, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 16384, 8, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 16384), jnp.int32)
+    lse = jax.ShapeDtypeStruct((1, 16384, 32), jnp.float32)
+    family = "gpu" if platform == "cuda" else "tpu"
+
+    def value_and_grads(q, k, v, q_ids, k_ids, cotangents):
+        def attn(q, k, v):
+            return flash_attention(
+                q, k, v, segment_ids=q_ids, kv_segment_ids=k_ids, causal=False,
+                platform=family, interpret=False, return_lse=True,
+            )  # fmt: skip
+
+        out, pullback = jax.vjp(attn, q, k, v)
+        return out, pullback(cotangents)
+
+    checks = [TRITON] if platform == "cuda" else []
+    exported = jax.export.export(
+        jax.jit(value_and_grads), platforms=[platform], disabled_checks=checks
+    )
+    text = exported(q, k, k, ids, ids, (q, lse)).mlir_module()
+    names = r'kernel_name = "(\w+)"' if platform == "tpu" else r'name = "(flash_attention_\w+)"'
+    assert re.findall(names, text) == list(KERNELS)

@@ -103,18 +103,23 @@ def _kernels(st: KernelSpec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st: KernelSpec, q, k, v, q_seg, k_seg):
-    return _kernels(st).forward(st, q, k, v, q_seg, k_seg)[0]
+    """(out [B, N, L, H], log-sum-exp [B, N, L, 1] float32); differentiable in both."""
+    return _kernels(st).forward(st, q, k, v, q_seg, k_seg)
 
 
 def _flash_fwd(st: KernelSpec, q, k, v, q_seg, k_seg):
     out, lse = _kernels(st).forward(st, q, k, v, q_seg, k_seg)
-    return out, (q, k, v, q_seg, k_seg, out, lse)
+    return (out, lse), (q, k, v, q_seg, k_seg, out, lse)
 
 
-def _flash_bwd(st: KernelSpec, residuals, do):
+def _flash_bwd(st: KernelSpec, residuals, cotangents):
     q, k, v, q_seg, k_seg, out, lse = residuals
-    # delta_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax-backward row term.
+    do, dlse = cotangents
+    # delta_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax-backward row term. A
+    # cotangent on the log-sum-exp adds dlse_i * P_ij to dS_ij = P_ij (dP_ij - delta_i),
+    # since d lse_i / d s_ij = P_ij: the same kernels with delta_i - dlse_i.
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = delta - dlse
     dq, dk, dv = _kernels(st).backward(st, q, k, v, q_seg, k_seg, lse, delta, do)
     return dq, dk, dv, None, None
 
@@ -218,7 +223,9 @@ def flash_attention(
     block_sizes: BlockSizes | None = None,
     platform: str | None = None,
     interpret: bool | None = None,
-) -> jax.Array:
+    kv_segment_ids: jax.Array | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """FlashAttention-2 with the contract of ``jaxtrain.kernels.xla_attention``.
 
     Args:
@@ -233,10 +240,17 @@ def flash_attention(
         platform: kernel family, "gpu" (Triton) or "tpu" (Mosaic); default the backend
             JAX runs on, and "gpu" on CPU.
         interpret: run in Pallas interpret mode; default on when not on GPU or TPU.
+        kv_segment_ids: optional [B, S] segment ids of the keys, when they are not the
+            queries' (a block of another part of the sequence, as in ring attention);
+            needs ``segment_ids``.
+        return_lse: also return each query's log-sum-exp of its scaled scores, so that
+            partial results over separate key blocks can be combined (and differentiated).
 
     Returns:
-        [B, L, N, H] in q's dtype. A query that sees no key at all (possible only when
-        L > S) gives zeros, where the reference averages every value.
+        [B, L, N, H] in q's dtype; with ``return_lse`` also the log-sum-exp [B, L, N]
+        float32. A query that sees no key at all (possible only when L > S, or with
+        ``kv_segment_ids``) gives zeros, where the reference averages every value, and a
+        log-sum-exp of about -2.4e38.
 
     Raises:
         ValueError: for mismatched shapes or dtypes, an unknown platform, or TPU blocks
@@ -248,8 +262,10 @@ def flash_attention(
         raise ValueError(f"{kv} kv heads do not divide {n} query heads")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if segment_ids is not None and q_len != k_len:
-        raise ValueError("segment_ids need equal query and key lengths")
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("kv_segment_ids need segment_ids for the queries")
+    if segment_ids is not None and kv_segment_ids is None and q_len != k_len:
+        raise ValueError("segment_ids need equal query and key lengths (or kv_segment_ids)")
     p = plan(
         q,
         k,
@@ -267,10 +283,10 @@ def flash_attention(
 
     q_seg = k_seg = None
     if segment_ids is not None:
-        seg = segment_ids.astype(jnp.int32)
-        q_seg = _pad(seg, 1, p.q_pad)[:, :, None]  # [B, L_pad, 1]
-        k_seg = _pad(seg, 1, p.k_pad)[:, None, :]  # [B, 1, S_pad]
-    out = _flash(
+        keys = segment_ids if kv_segment_ids is None else kv_segment_ids
+        q_seg = _pad(segment_ids.astype(jnp.int32), 1, p.q_pad)[:, :, None]  # [B, L_pad, 1]
+        k_seg = _pad(keys.astype(jnp.int32), 1, p.k_pad)[:, None, :]  # [B, 1, S_pad]
+    out, lse = _flash(
         p.spec,
         heads_major(q, p.q_pad),
         heads_major(k, p.k_pad),
@@ -278,7 +294,8 @@ def flash_attention(
         q_seg,
         k_seg,
     )
-    return out[:, :, :q_len, :h].transpose(0, 2, 1, 3)
+    out = out[:, :, :q_len, :h].transpose(0, 2, 1, 3)
+    return (out, lse[:, :, :q_len, 0].transpose(0, 2, 1)) if return_lse else out
 
 
 __all__ = ["BlockSizes", "Plan", "flash_attention", "plan"]

@@ -226,7 +226,7 @@ def attend(
             raise UserError("mesh.sequence: context parallelism takes no attention score bias")
         return context_attention(
             q, k, v, segment_ids, shard=shard, mode=context, causal=causal, window=window,
-            scale=scale,
+            scale=scale, impl=impl,
         )  # fmt: skip
     impl = resolve_impl(
         impl, causal=causal, q_len=q.shape[1], k_len=k.shape[1], biased=bias is not None

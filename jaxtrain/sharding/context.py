@@ -23,6 +23,16 @@ permutation changes nothing but where tokens live. With a causal mask in that la
 ring computes, at each step after the first, only the two quarter blocks that can be
 visible (:func:`_zigzag_step`): half the work of the whole block, the same on every device.
 
+Each block is computed by the Pallas FlashAttention kernel (``impl="pallas"``, what
+``model.attention: auto`` picks on GPU and TPU) wherever the block's mask is one the
+kernel is specialised on: in a zigzag causal ring the own block is causal in local order
+(a device's positions are in sequence order) and every other block computed is wholly
+visible, and a bidirectional ring's blocks are all wholly visible; segment ids go to the
+kernel as they are. The kernel returns each query's log-sum-exp with its output, and
+takes a gradient for it, which is what folding the partial results needs. A sliding
+window, or a causal ring laid out contiguously, has masks that depend on where the block
+sits and is computed in XLA (:func:`_block`), as is everything on CPU by default.
+
 Shapes: B batch, L local query length, S local key length, N query heads, K kv heads
 (G = N / K per group), H head dim.
 """
@@ -37,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxtrain.kernels import flash_attention, resolve_impl
 from jaxtrain.sharding.local import per_shard
 from jaxtrain.sharding.partition import ActivationSharding
 from jaxtrain.sharding.rules import Rules
@@ -136,6 +147,23 @@ def _chunked_block(q, k, v, q_index, k_index, q_segments, k_segments, *, chunk, 
     return join(o), join(m), join(l)
 
 
+def _kernel_block(q, k, v, q_index, k_index, q_segments, k_segments, *, causal, scale, **_):
+    """:func:`_block` by the Pallas flash kernel, for blocks whose mask is causal in local
+    order (``causal``) or nothing but segments: the normalised output and the
+    log-sum-exp stand for the unnormalised output and the row max with a normaliser of
+    1, which :func:`_fold` combines the same way."""
+    del q_index, k_index  # the caller has checked the mask needs no positions
+    b, length, n, h = q.shape
+    kv = k.shape[2]
+    out, lse = flash_attention(
+        q, k, v, segment_ids=q_segments, kv_segment_ids=k_segments, causal=causal,
+        scale=scale, return_lse=True,
+    )  # fmt: skip
+    out = jnp.moveaxis(out.astype(jnp.float32).reshape(b, length, kv, n // kv, h), 1, 3)
+    lse = jnp.moveaxis(lse.reshape(b, length, kv, n // kv), 1, 3)  # [B, K, G, L]
+    return out, lse, jnp.ones_like(lse)
+
+
 def _fold(acc, part):
     """Two partial results of the same queries combined (the online-softmax rule)."""
     (o1, m1, l1), (o2, m2, l2) = acc, part
@@ -165,6 +193,7 @@ def local_context_attention(
     axis: str = SEQUENCE,
     zigzag: bool = False,
     query_chunk: int = QUERY_CHUNK,
+    impl: str = "xla",
 ) -> jax.Array:
     """Attention of this device's queries to the whole sequence; called per device
     (inside ``shard_map`` over ``axis``) on its local blocks.
@@ -180,6 +209,8 @@ def local_context_attention(
         zigzag: the positions are laid out by :func:`zigzag` (this device holds chunks i
             and 2n-1-i); a causal ring then computes only the visible half of each block.
         query_chunk: queries per piece of a block's computation (bounds the scores held).
+        impl: "pallas" computes a ring's blocks with the flash kernel where their masks
+            allow (see the module docstring); anything else, in XLA.
 
     Returns:
         [B, L, N, H] in q's dtype.
@@ -199,10 +230,15 @@ def local_context_attention(
 
     ways = jax.lax.axis_size(axis)
     shift = [(i, (i + 1) % ways) for i in range(ways)]
-    # Recomputed in the backward pass: only each step's running result is kept.
-    block = jax.checkpoint(block, prevent_cse=False)
-    me = jax.lax.axis_index(axis)
     skip = zigzag and causal
+    own = block
+    if impl == "pallas" and window is None and (skip or not causal):
+        # The own block is causal in local order; every other block computed is whole.
+        own = functools.partial(_kernel_block, causal=causal, scale=scale)
+        block = functools.partial(_kernel_block, causal=False, scale=scale)
+    # Recomputed in the backward pass: only each step's running result is kept.
+    own, block = (jax.checkpoint(f, prevent_cse=False) for f in (own, block))
+    me = jax.lax.axis_index(axis)
 
     def step(carry, r):
         acc, held = carry
@@ -214,7 +250,7 @@ def local_context_attention(
             acc = _fold(acc, block(q, k, v, q_index, k_index, segment_ids, k_segments))
         return (acc, held), None
 
-    acc = block(q, k, v, q_index, q_index, segment_ids, segment_ids)
+    acc = own(q, k, v, q_index, q_index, segment_ids, segment_ids)
     carry = (acc, (k, v, q_index, segment_ids))
     (acc, _), _ = jax.lax.scan(step, carry, jnp.arange(1, ways))
     o, _, l = acc
@@ -289,16 +325,21 @@ def context_attention(
     causal: bool,
     window: int | None,
     scale: float | None,
+    impl: str = "auto",
 ) -> jax.Array:
     """Attention of q [B, L, N, H] to k, v [B, L, K, H] whose length is split over the
     ``sequence`` axis of ``shard``'s mesh, laid out zigzag (:func:`zigzag_batch`); rows
     and heads split as the rules say. Same contract as
-    :func:`jaxtrain.kernels.attention.xla_attention` in sequence order."""
+    :func:`jaxtrain.kernels.attention.xla_attention` in sequence order. ``impl``
+    (``model.attention``) is resolved for the local blocks: Pallas computes them where
+    :func:`local_context_attention` can, everything else is XLA."""
     index = jnp.asarray(zigzag(q.shape[1], shard.mesh.shape[SEQUENCE]), jnp.int32)
     heads = ("batch", "length", "act_heads", None)
     kv_heads = ("batch", "length", "act_kv_heads", None)
+    length = q.shape[1] // shard.mesh.shape[SEQUENCE]
+    impl = resolve_impl(impl, causal=causal, q_len=length, k_len=length)
     local = functools.partial(local_context_attention, mode=mode, causal=causal,
-                              window=window, scale=scale, zigzag=True)  # fmt: skip
+                              window=window, scale=scale, zigzag=True, impl=impl)  # fmt: skip
     segments = None if segment_ids is None else ("batch", "length")
     in_axes = (heads, kv_heads, kv_heads, ("length",), segments)
     return per_shard(local, shard, in_axes, heads, out_like=0)(q, k, v, index, segment_ids)
