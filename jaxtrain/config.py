@@ -49,6 +49,7 @@ GRAD_COMM_DTYPES = ("float32", "bfloat16", "fp8")  # what gradients cross device
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")  # = kernels.IMPLS
 CONTEXT_PARALLEL = ("ring", "all_gather")  # = sharding.context.MODES
 CONTEXT_FAMILIES = ("llama", "gpt2")  # causal decoders: context parallelism applies
+PIPELINE_FAMILIES = ("llama", "gpt2")  # one stack of decoder blocks: pipelining applies
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -336,11 +337,13 @@ class MeshConfig:
     follow the preset), and attention runs as ``model.context_parallel`` says. ``expert``
     > 1 is expert parallelism (``model.moe``): each device holds that share of every
     layer's experts and tokens travel to their experts and back by all-to-all; outside
-    the experts it splits the batch like ``data``. In a
-    multi-host run ``dcn_data``, ``dcn_fsdp`` and ``dcn_sequence`` say how many ways of the
-    axis go across hosts (or TPU slices), over the slower data-center network; the rest of
-    each axis, and all of ``tensor``, stays within a host. All 1 (the default) lets JAX lay
-    the axes out over all devices.
+    the experts it splits the batch like ``data``. ``stage`` > 1 is pipeline parallelism:
+    each stage holds a contiguous slice of the stacked layers, and the step's
+    ``train.microbatches`` flow through the stages (``jaxtrain.models.pipeline``). In a
+    multi-host run ``dcn_data``, ``dcn_stage``, ``dcn_fsdp`` and ``dcn_sequence`` say how
+    many ways of the axis go across hosts (or TPU slices), over the slower data-center
+    network; the rest of each axis, and all of ``tensor``, stays within a host. All 1 (the
+    default) lets JAX lay the axes out over all devices.
     """
 
     data: int = 1
@@ -348,10 +351,12 @@ class MeshConfig:
     tensor: int = 1
     sequence: int = 1
     expert: int = 1
+    stage: int = 1
     preset: str = "fsdp"
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_sequence: int = 1
+    dcn_stage: int = 1
 
     def __post_init__(self) -> None:
         sizes = self.axis_sizes()
@@ -360,11 +365,11 @@ class MeshConfig:
         _check(
             list(sizes.values()).count(-1) <= 1,
             "mesh",
-            "at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.sequence, mesh.tensor "
-            "may be -1",
+            "at most one of mesh.data, mesh.stage, mesh.fsdp, mesh.expert, mesh.sequence, "
+            "mesh.tensor may be -1",
         )
         _check(self.preset in PRESETS, "mesh.preset", f"must be one of {PRESETS}")
-        for name in ("dcn_data", "dcn_fsdp", "dcn_sequence"):
+        for name in ("dcn_data", "dcn_fsdp", "dcn_sequence", "dcn_stage"):
             _check(getattr(self, name) >= 1, f"mesh.{name}", "must be >= 1")
         _check(
             self.tensor == 1 or self.preset == "fsdp_tp",
@@ -398,27 +403,27 @@ class MeshConfig:
             f"{'*'.join(sizes)} = {'*'.join(str(v) for v in sizes.values())} = "
             f"{math.prod(sizes.values())}, but there are {have}",
         )
-        for axis in ("data", "fsdp", "sequence"):
+        for axis in ("data", "stage", "fsdp", "sequence"):
             ways = getattr(self, f"dcn_{axis}")
             _check(
                 sizes[axis] % ways == 0,
                 f"mesh.dcn_{axis}",
                 f"{ways} does not divide mesh.{axis}={sizes[axis]}",
             )
-        across = self.dcn_data * self.dcn_fsdp * self.dcn_sequence
+        across = self.dcn_data * self.dcn_stage * self.dcn_fsdp * self.dcn_sequence
         _check(
             across == 1 or n_processes % across == 0,
             "mesh.dcn_data",
-            f"dcn_data*dcn_fsdp*dcn_sequence = {self.dcn_data}*{self.dcn_fsdp}*"
-            f"{self.dcn_sequence} = {across} host groups, but there are {have}; it must "
-            "divide the process count",
+            f"dcn_data*dcn_stage*dcn_fsdp*dcn_sequence = {self.dcn_data}*{self.dcn_stage}*"
+            f"{self.dcn_fsdp}*{self.dcn_sequence} = {across} host groups, but there are "
+            f"{have}; it must divide the process count",
         )
         return sizes
 
     def axis_sizes(self) -> dict[str, int]:
         """The configured size of each mesh axis (-1: fills the remaining devices)."""
-        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert,
-                "sequence": self.sequence, "tensor": self.tensor}  # fmt: skip
+        names = ("data", "stage", "fsdp", "expert", "sequence", "tensor")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -801,6 +806,7 @@ class Config:
                 "model.moe.num_experts",
                 f"{self.model.moe.num_experts} is not divisible by mesh.expert={experts}",
             )
+        self._check_stages(sizes)
         batch_shards = sizes["data"] * sizes["fsdp"] * experts
         micro = self.train.global_batch // self.train.microbatches
         _check(
@@ -810,6 +816,45 @@ class Config:
             f"rows per microbatch is not divisible by mesh data*fsdp*expert={batch_shards}",
         )
         return sizes
+
+    def _check_stages(self, sizes: dict[str, int]) -> None:
+        """Pipeline parallelism (``mesh.stage`` > 1): what it needs and what it does not
+        combine with yet, each a one-line error naming its key."""
+        stages = sizes["stage"]
+        if stages == 1:
+            return
+        model, train = self.model, self.train
+        _check(
+            model.family in PIPELINE_FAMILIES,
+            "mesh.stage",
+            f"{stages}: pipeline parallelism is implemented for model.family "
+            f"{' and '.join(PIPELINE_FAMILIES)}, not {model.family}",
+        )
+        _check(
+            model.n_layers % stages == 0,
+            "model.n_layers",
+            f"{model.n_layers} is not divisible by mesh.stage={stages} (each stage holds "
+            "an equal slice of the layers)",
+        )
+        _check(
+            train.microbatches >= stages,
+            "train.microbatches",
+            f"{train.microbatches} is fewer than mesh.stage={stages}: every stage needs a "
+            "microbatch in flight",
+        )
+        refused = {
+            "mesh.sequence": (sizes["sequence"] > 1, "context parallelism"),
+            "model.moe.num_experts": (model.moe.num_experts > 0, "mixture-of-experts layers"),
+            "model.fp8": (model.fp8, "FP8 matmuls"),
+            "model.remat_fraction": (model.remat_fraction < 1, "partial remat"),
+            "train.offload": (train.offloads_params, "master weights in host memory"),
+            "train.grad_accumulation": (
+                train.grad_accumulation == "local",
+                "local gradient accumulation",
+            ),
+        }
+        for key, (bad, what) in refused.items():
+            _check(not bad, key, f"mesh.stage={stages} does not combine with {what} yet")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

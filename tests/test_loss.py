@@ -254,7 +254,9 @@ def test_sequence_sharded_chunks_stay_local():
     gradient is reduced inside the loop; with one copy per row shard it is."""
     rules = preset("fsdp_tp")
     rules = dataclasses.replace(rules, params=(*rules.params, ("length", "sequence")))
-    mesh = jax.make_mesh((2, 1, 1, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 5)
+    mesh = jax.make_mesh(
+        (2, 1, 1, 1, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 6
+    )
     shard = ActivationSharding(mesh, rules)
     b, length, d = 4, 32, 16
     rng = np.random.default_rng(0)

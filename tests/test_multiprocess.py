@@ -248,7 +248,7 @@ def test_process_rows_of_fsdp_split_across_processes():
     """With dcn_fsdp=2 and data=2 no device order makes a process's batch rows contiguous
     (the batch is split over data, then fsdp): each process builds its separate rows."""
     fake = [FakeDevice(i, i // 4) for i in range(8)]
-    grid = _hybrid_grid((2, 4, 1, 1, 1), (1, 2, 1, 1, 1), fake)
+    grid = _hybrid_grid((2, 1, 4, 1, 1, 1), (1, 1, 2, 1, 1, 1), fake)
     real = jax.devices()[:8]
     mesh = Mesh(np.array([real[d.id] for d in grid.flat]).reshape(grid.shape), MESH_AXES)
     sharding = NamedSharding(mesh, P(BATCH_AXES, None))
@@ -258,7 +258,7 @@ def test_process_rows_of_fsdp_split_across_processes():
     got = [process_rows(ProcessView(sharding, devices), (16, 16)) for devices in by_process]
     assert got == [(0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15)]
     # dcn_data=2: each process holds one half of the batch.
-    grid = _hybrid_grid((2, 4, 1, 1, 1), (2, 1, 1, 1, 1), fake)
+    grid = _hybrid_grid((2, 1, 4, 1, 1, 1), (2, 1, 1, 1, 1, 1), fake)
     mesh = Mesh(np.array([real[d.id] for d in grid.flat]).reshape(grid.shape), MESH_AXES)
     sharding = NamedSharding(mesh, P(BATCH_AXES, None))
     got = [process_rows(ProcessView(sharding, devices), (8, 16)) for devices in by_process]

@@ -125,7 +125,9 @@ class GPT2(nnx.Module, CachedDecoder):
         x = self._embed(tokens, positions)
         key, dropout_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = dropout(x, cfg.dropout, key)
-        x = scan_blocks(self.blocks, x, segment_ids, cfg=cfg, dropout_key=dropout_key)
+        x = scan_blocks(
+            self.blocks, x, segment_ids, cfg=cfg, dropout_key=dropout_key, shard=self.shard
+        )
         return self._head(x, return_hidden)
 
     def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:

@@ -161,7 +161,16 @@ class Llama(nnx.Module, CachedDecoder):
         sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
         x = self.shard(x, ("batch", "length", "act_embed"))
-        x = scan_blocks(self.blocks, x, sin, cos, segment_ids, cfg=cfg, dropout_key=dropout_key)
+        x = scan_blocks(
+            self.blocks,
+            x,
+            sin,
+            cos,
+            segment_ids,
+            cfg=cfg,
+            dropout_key=dropout_key,
+            shard=self.shard,
+        )
         x, stats = x if cfg.moe.num_experts else (x, {})
         out = self._head(x, return_hidden)
         return (out, stats) if with_stats else out

@@ -9,6 +9,7 @@ Dimensions: B batch, L length, D model width.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,10 @@ from flax import nnx
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.models.kv_cache import CACHE_AXES
+from jaxtrain.models.pipeline import pipeline_blocks
 from jaxtrain.models.remat import POLICIES
 from jaxtrain.sharding.memory import on_device
+from jaxtrain.sharding.partition import ActivationSharding
 
 
 def stacked(make_block: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -39,6 +42,7 @@ def scan_blocks(
     *args: Any,
     cfg: ModelConfig,
     dropout_key: jax.Array | None,
+    shard: Any = None,
 ) -> jax.Array:
     """``x`` [B, L, D] through the ``cfg.n_layers`` stacked blocks, each called as
     ``block(x, *args, key)`` with its own dropout key (None when not training). Blocks
@@ -49,11 +53,36 @@ def scan_blocks(
     rest save everything (InternEvo's ``checkpoint: 0.5``): two scans over the two
     slices of the stacked layers, so memory and recomputation sit between the two
     policies. Stacked parameters in host memory (offloaded) are copied to the device one
-    layer at a time, inside the scan.
+    layer at a time, inside the scan. When ``shard`` (the model's activation sharding)
+    splits the layers over pipeline stages, the blocks run as a pipeline
+    (:func:`jaxtrain.models.pipeline.pipeline_blocks`); ``args`` must then be arrays
+    with the batch first, or None.
     """
-    n, remat, k = cfg.n_layers, cfg.remat, cfg.remat_layers()
     graphdef, layers = nnx.split(blocks)
+    if isinstance(shard, ActivationSharding) and shard.pipeline_stages() > 1:
+        return pipeline_blocks(
+            functools.partial(run_layers, graphdef, remat=cfg.remat),
+            layers, x, args, n_layers=cfg.n_layers, dropout_key=dropout_key, shard=shard,
+        )  # fmt: skip
+    n, remat, k = cfg.n_layers, cfg.remat, cfg.remat_layers()
     keys = None if dropout_key is None else jax.random.split(dropout_key, n)
+    if remat == "none" or k in (0, n):
+        x, stats = run_layers(graphdef, layers, keys, x, args, remat=remat if k else "none")
+    else:
+        head = jax.tree.map(lambda a: a[:k], (layers, keys))
+        tail = jax.tree.map(lambda a: a[k:], (layers, keys))
+        x, first = run_layers(graphdef, *head, x, args, remat=remat)
+        x, rest = run_layers(graphdef, *tail, x, args, remat="none")
+        stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, rest)
+    return x if stats is None else (x, stats)
+
+
+def run_layers(
+    graphdef: Any, layers: Any, keys: jax.Array | None, x: jax.Array, args: tuple, *, remat: str
+) -> tuple[jax.Array, Any]:
+    """``x`` through the stacked ``layers`` (split from a stacked module, ``graphdef``) in
+    one ``lax.scan``, each layer rematerialised by the policy ``remat``: (x, per-layer
+    stats or None)."""
 
     def body(x, layer):
         layer_state, key = layer
@@ -63,19 +92,9 @@ def scan_blocks(
         out = block(x, *args, key)
         return out if isinstance(out, tuple) else (out, None)
 
-    def scan(x, xs, policy):
-        step = body
-        if policy != "none":
-            step = jax.checkpoint(body, policy=POLICIES[policy], prevent_cse=False)
-        return jax.lax.scan(step, x, xs)
-
-    if remat == "none" or k in (0, n):
-        x, stats = scan(x, (layers, keys), remat if k else "none")
-    else:
-        x, first = scan(x, jax.tree.map(lambda a: a[:k], (layers, keys)), remat)
-        x, rest = scan(x, jax.tree.map(lambda a: a[k:], (layers, keys)), "none")
-        stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, rest)
-    return x if stats is None else (x, stats)
+    if remat != "none":
+        body = jax.checkpoint(body, policy=POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (layers, keys))
 
 
 def scan_decode(

@@ -20,6 +20,12 @@ def print_memory(plan: Plan, console: Console, hbm: int | None) -> None:
         f"{plan.platform} devices, {plan.microbatches} microbatch(es)"
         + (", gradients accumulated locally" if plan.accumulation == "local" else "")
         + (f", gradients sent in {plan.grad_comm}" if plan.grad_comm != "float32" else "")
+        + (
+            f", {plan.stages} pipeline stages (bubble {plan.pipeline()['bubble']:.0%}; the "
+            "temporaries hold each stage's inputs of every microbatch in flight)"
+            if plan.stages > 1
+            else ""
+        )
     )
     table = Table(title=title, title_justify="left")
     table.add_column("category")

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtrain.models.pipeline import bubble_fraction
 from jaxtrain.plan.hlo import KINDS, Traffic, collective_traffic
 from jaxtrain.plan.table import state_plan
 from jaxtrain.sharding.batch_shards import per_shard_shardings, shard_count
@@ -60,6 +61,7 @@ class Plan:
     compile_s: float
     experts: int = 0  # model.moe.num_experts: grouped matmuls, lowered densely on CPU
     grad_comm: str = "float32"  # train.grad_comm_dtype: what gradients cross devices in
+    stages: int = 1  # pipeline stages (mesh.stage); the microbatches flow through them
 
     def fits(self, hbm: int) -> bool:
         return self.memory.peak <= HEADROOM * hbm
@@ -86,7 +88,12 @@ class Plan:
             },
             "zero_ideal_bytes": dataclasses.asdict(self.ideal) | {"total": self.ideal.total},
             "moved_bytes": self.moved,
-        }
+        } | ({"pipeline": self.pipeline()} if self.stages > 1 else {})
+
+    def pipeline(self) -> dict[str, Any]:
+        """The pipeline's schedule: stages, microbatches and the bubble's share."""
+        bubble = bubble_fraction(self.stages, self.microbatches)
+        return {"stages": self.stages, "microbatches": self.microbatches, "bubble": bubble}
 
 
 def _f32_gradient_bytes(program: Program) -> int:
@@ -147,7 +154,9 @@ def make_plan(program: Program) -> Plan:
         mesh={k: int(v) for k, v in program.mesh.shape.items()},
         devices=int(program.mesh.devices.size),
         platform=first.platform,
-        microbatches=cfg.train.microbatches,
+        microbatches=(
+            program.pipeline_schedule()[1] if program.spec.stages > 1 else cfg.train.microbatches
+        ),
         accumulation="local" if accumulates_locally(cfg, program.batch_sharding) else "sharded",
         memory=memory,
         traffic={k: traffic[k] for k in KINDS},
@@ -155,4 +164,5 @@ def make_plan(program: Program) -> Plan:
         compile_s=compile_s,
         experts=cfg.model.moe.num_experts,
         grad_comm=cfg.train.grad_comm_dtype,
+        stages=program.spec.stages,
     )

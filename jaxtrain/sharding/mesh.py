@@ -1,5 +1,9 @@
-"""Build the named device mesh (``data``, ``fsdp``, ``expert``, ``sequence``, ``tensor``)
-from config.
+"""Build the named device mesh (``data``, ``stage``, ``fsdp``, ``expert``, ``sequence``,
+``tensor``) from config.
+
+``stage`` splits the stacked layers into pipeline stages (:mod:`jaxtrain.models.pipeline`);
+at size 1 it changes nothing. It sits outside fsdp, so across hosts (``dcn_stage``) only
+the activations that flow between neighbouring stages cross the slow links.
 
 ``expert`` splits the experts of mixture-of-experts layers (:mod:`jaxtrain.models.moe`)
 and, everywhere else, the batch, like ``data``; at size 1 it changes nothing.
@@ -10,7 +14,7 @@ and, everywhere else, the batch, like ``data``; at size 1 it changes nothing.
 links on GPU nodes and TPU slices), with ``sequence`` next to it: a ring's neighbours are
 close too.
 
-In a multi-host run, ``mesh.dcn_data`` / ``mesh.dcn_fsdp`` / ``mesh.dcn_sequence`` > 1
+In a multi-host run, ``mesh.dcn_data`` / ``dcn_stage`` / ``dcn_fsdp`` / ``dcn_sequence`` > 1
 build a hybrid mesh: those
 ways of the axis span host groups (TPU slices, or runs of consecutive process ranks) and
 everything else, ``tensor`` included, stays on one host's fast interconnect. With
@@ -31,7 +35,7 @@ from jax.sharding import Mesh
 from jaxtrain.config import Config
 from jaxtrain.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 # Every axis that splits a step's tokens (rows, or positions under context parallelism):
 # a parameter's gradient is a sum over all of them.
@@ -50,7 +54,8 @@ def make_mesh(config: Config, devices: list[jax.Device] | None = None) -> Mesh:
     n_processes = len({d.process_index for d in devices})
     sizes = config.check_devices(len(devices), n_processes)
     shape = tuple(sizes[axis] for axis in MESH_AXES)
-    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, 1, config.mesh.dcn_sequence, 1)
+    m = config.mesh
+    dcn = (m.dcn_data, m.dcn_stage, m.dcn_fsdp, 1, m.dcn_sequence, 1)
     if math.prod(dcn) > 1:
         grid = _hybrid_grid(shape, dcn, devices)
     elif len(devices) == len(jax.devices()):

@@ -124,10 +124,21 @@ class ActivationSharding:
 
     Models hold one of these and call it on hot activations, e.g.
     ``x = shard(x, ("batch", "length", "act_embed"))``, without knowing the mesh.
+    ``pipeline_microbatches`` is how many microbatches a batch is split into to flow
+    through the stacked layers when the rules split them over pipeline stages.
     """
 
     mesh: Mesh | None = None
     rules: Rules | None = None
+    pipeline_microbatches: int = 1
+
+    def pipeline_stages(self) -> int:
+        """How many pipeline stages the rules split the stacked ``layers`` into (1: none)."""
+        if self.mesh is None or self.rules is None:
+            return 1
+        axes = self.rules.lookup("layers")
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return math.prod(self.mesh.shape.get(a, 1) for a in names)
 
     def __call__(self, x: jax.Array, axes: Logical) -> jax.Array:
         if self.mesh is None or self.rules is None:

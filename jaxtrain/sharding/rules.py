@@ -16,6 +16,10 @@ splits state over ``fsdp`` it splits it over ``sequence`` too (ZeRO over the con
 parallel ways, as MaxText shards weights over its context axis): ``sequence`` x N then
 divides the state N ways, instead of multiplying it N times per device. A size-1
 ``sequence`` leaves every layout as it was.
+
+Pipeline parallelism (``stage``) splits the stacked layers' ``layers`` axis: each stage
+holds a contiguous slice of every stacked parameter and its optimizer state, whatever the
+preset does with the other axes.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ _ACTIVATIONS: dict[str, MeshAxes] = {
 }
 
 _REPLICATED: dict[str, MeshAxes] = {
-    "layers": None,
+    "layers": "stage",  # pipeline parallelism: a stage's contiguous slice of the stack
     "vocab": None,
     "embed": None,
     "mlp": None,
@@ -87,8 +91,9 @@ class Rules:
 
     def for_generation(self) -> Rules:
         """These rules for generation: a batch of prompts too small to split, and one
-        token per step, so neither ``batch`` nor ``length`` is split."""
-        return self.unsplit("batch", "length")
+        token per step, so neither ``batch`` nor ``length`` is split; and every device
+        runs every layer, so ``layers`` is not split over pipeline stages."""
+        return self.unsplit("batch", "length", "layers")
 
     def unsplit(self, *names: str) -> Rules:
         """These rules with the logical axes ``names`` mapped to no mesh axis."""

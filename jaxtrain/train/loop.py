@@ -37,6 +37,7 @@ from jaxtrain.metrics import (
     flops_per_token,
     peak_flops,
 )
+from jaxtrain.models.pipeline import bubble_fraction
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train.profile import StepProfiler
 from jaxtrain.train.program import Program, build_program
@@ -224,6 +225,13 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         f"data: {dataset.source}",
         highlight=False,
     )
+    if program.spec.stages > 1:
+        stages, micro = program.pipeline_schedule()
+        console.print(
+            f"pipeline: {stages} stages x {micro} microbatches (GPipe): bubble "
+            f"(S-1)/(M+S-1) = {bubble_fraction(stages, micro):.1%} of stage time",
+            highlight=False,
+        )
 
     # Compiled before any state exists, so a step that cannot fit is refused unallocated.
     compiled, compile_s = program.compile()

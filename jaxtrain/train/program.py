@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxtrain.config import Config
 from jaxtrain.data import Loader, Objective, TokenDataset
+from jaxtrain.models.pipeline import microbatch_count
 from jaxtrain.sharding import Rules, partition_spec, preset
 from jaxtrain.sharding.batch_shards import (
     batch_axes,
@@ -65,6 +66,15 @@ class Program:
         if not self.config.train.offloads_params:
             return params
         return jax.device_put(params, self.spec.param_shardings)
+
+    def pipeline_schedule(self) -> tuple[int, int]:
+        """(stages, microbatches) of the pipelined layers: ``train.microbatches``, or
+        fewer where a train batch's rows do not split into that many equal parts for its
+        devices (:func:`jaxtrain.models.pipeline.microbatch_count`); (1, 1) unpipelined."""
+        if self.spec.stages == 1:
+            return 1, 1
+        rows, wanted = self.config.train.global_batch, self.config.train.microbatches
+        return self.spec.stages, microbatch_count(rows, wanted, shard_count(self.batch_sharding))
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         cfg = self.config
@@ -153,7 +163,8 @@ def build_program(config: Config, mesh: Mesh) -> Program:
         spec,
         tx,
         lr,
-        microbatches=config.train.microbatches,
+        # A pipelined model splits the batch into the microbatches itself.
+        microbatches=1 if spec.stages > 1 else config.train.microbatches,
         skip_nonfinite=config.train.on_nonfinite == "skip",
         local=local_accumulation(config, mesh, rules, spec, batch_sharding),
         scaling=config.train.loss_scale if config.loss_scaling() else None,

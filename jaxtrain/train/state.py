@@ -55,6 +55,7 @@ class ModelSpec:
     param_shardings: Any
     sequence_ways: int = 1  # context parallelism: batches are laid out zigzag
     moe: MoEConfig | None = None  # experts: the model reports router statistics
+    stages: int = 1  # pipeline parallelism: the model splits batches into microbatches
 
     def apply(self, params: Any, tokens: jax.Array, **kwargs: Any) -> jax.Array:
         """Run the model on a pure-dict ``params`` tree."""
@@ -62,15 +63,24 @@ class ModelSpec:
 
 
 def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec:
-    """Build the model abstractly (no memory) and resolve its parameter shardings."""
-    shard = ActivationSharding(mesh, rules) if mesh is not None else models.no_shard
+    """Build the model abstractly (no memory) and resolve its parameter shardings. When
+    the rules split the layers over pipeline stages, the model pipelines each batch in
+    ``train.microbatches`` microbatches (:mod:`jaxtrain.models.pipeline`)."""
+    shard = models.no_shard
+    if mesh is not None:
+        shard = ActivationSharding(mesh, rules)
+        if shard.pipeline_stages() > 1:
+            shard = ActivationSharding(mesh, rules, cfg.train.microbatches)
     abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0), shard=shard))
     graphdef, state = nnx.split(abstract, nnx.Param)
     logical = param_logical_axes(state)
     abstract_params = nnx.to_pure_dict(state)
     shardings = None if mesh is None else tree_shardings(abstract_params, logical, mesh, rules)
     moe = cfg.model.moe if cfg.model.moe.num_experts else None
-    return ModelSpec(graphdef, abstract_params, logical, shardings, sequence_ways(mesh, rules), moe)
+    stages = shard.pipeline_stages() if isinstance(shard, ActivationSharding) else 1
+    return ModelSpec(
+        graphdef, abstract_params, logical, shardings, sequence_ways(mesh, rules), moe, stages
+    )
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
