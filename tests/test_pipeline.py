@@ -18,11 +18,13 @@ from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.errors import UserError
 from jaxtrain.models.pipeline import bubble_fraction, microbatch_count
 from jaxtrain.plan.hlo import _parse
+from jaxtrain.plan.report import make_plan
 from jaxtrain.sharding import make_mesh, path_str
 from jaxtrain.train import build_program
 from jaxtrain.train.step import _loss_sum
 
-PIPE = (*STEPS, "model.n_layers=8", "train.global_batch=32")
+# A length (24) that no weight dimension shares, so gathered activations and weights differ.
+PIPE = (*STEPS, "model.n_layers=8", "train.global_batch=32", "data.seq_len=24")
 GPT2 = ("model.family=gpt2", "model.n_kv_heads=4", "model.tie_embeddings=true")
 
 # layout -> (overrides, microbatches, packed)
@@ -119,16 +121,23 @@ def stage_of(program):
 
 @pytest.mark.parametrize("layout", ["stage2_fsdp4", "stage8"])
 def test_stages_send_activations_to_neighbours_and_gather_no_layers(layout):
-    """Every collective-permute of activations in the compiled step connects neighbouring
-    stages (the shift, forward and back), and no all-gather yields a whole stack of
+    """Every collective-permute in the compiled step's loops connects neighbouring stages
+    (the activations' shift, forward and back), and no all-gather yields a whole stack of
     layers [n, ...]; with one stage per device (stage8) not even one layer's weight."""
     _, program = pipelined(layout)
     hlo = program.compile()[0].as_text()
     stage, stages = stage_of(program), program.spec.stages
-    # Activations (floats; XLA may also move token ids about for the embedding lookup).
-    pairs_text = r"= [fb]\w*\[.*collective-permute(?:-start)?\(.*source_target_pairs="
-    pairs_text += r"\{((?:\{\d+,\d+\},?)+)\}"
-    permutes = re.findall(pairs_text, hlo)
+    # The shifts run inside the tick loop (outside it, XLA may reshuffle the embedding
+    # table or token ids for the lookup); they move activations.
+    computations, _, entry = _parse(hlo)
+    permutes = [
+        re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", inst.rest)[1]
+        for name, body in computations.items()
+        if name != entry
+        for inst in body
+        if inst.opcode in ("collective-permute", "collective-permute-start")
+        and inst.type.startswith(("f", "bf"))
+    ]
     assert permutes
     for pairs in permutes:
         for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs):
@@ -137,7 +146,6 @@ def test_stages_send_activations_to_neighbours_and_gather_no_layers(layout):
     forbidden = {tuple(s) for s in stacked}
     if stages == program.mesh.devices.size:
         forbidden |= {tuple(s[1:]) for s in stacked} | {(1, *s[1:]) for s in stacked}
-    computations, _, _ = _parse(hlo)
     gathered = [
         tuple(int(d) for d in re.match(r"\w+\[([\d,]*)\]", inst.type)[1].split(",") if d)
         for body in computations.values()
@@ -198,3 +206,12 @@ def test_schedule_arithmetic():
     assert microbatch_count(32, 8, 8) == 4  # 8 rows each: the most that still split
     assert microbatch_count(6, 4, 1) == 3
     assert microbatch_count(7, 4, 1) == 1
+
+
+def test_plan_reports_the_schedule():
+    """`jaxtrain plan`'s figures for a pipelined step name its stages, microbatches and
+    bubble; its memory is the compiled step's, with every microbatch's stage inputs."""
+    _, program = pipelined("stage2_fsdp4")
+    plan = make_plan(program)
+    assert plan.to_json()["pipeline"] == {"stages": 2, "microbatches": 4, "bubble": 0.2}
+    assert plan.memory.temporaries > 0

@@ -27,8 +27,10 @@ device keeps its stage's input of every tick, and what remat saves inside the st
 activations of ``M + S - 1`` microbatches, where accumulation without pipelining holds
 one microbatch's at a time.
 
-Embedding and LM head stay outside the pipeline, on every stage: the head's input is the
-last stage's output, sent to all stages once per microbatch.
+Embedding and LM head stay outside the pipeline. The embedding runs on every stage (a
+lookup); the pipeline's output, the last stage's rows, is split over the stages as well
+as the batch axes (``head_batch``), so the LM head and loss, a large share of a step's
+work at a large vocabulary, run once per row, not once per stage.
 
 Shapes: B batch, M microbatches, mb = B / M rows each, L length, D model width, S stages,
 K = n / S layers per stage.
@@ -131,4 +133,4 @@ def pipeline_blocks(
 
     buffer = rows(jnp.zeros((stages, *feed.shape[1:]), x.dtype), "layers")
     _, done = jax.lax.scan(tick, buffer, jnp.arange(count + stages - 1))
-    return _join(done[stages - 1 :])
+    return shard(_join(done[stages - 1 :]), ("head_batch", "length", "act_embed"))

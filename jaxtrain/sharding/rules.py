@@ -31,6 +31,9 @@ MeshAxes = str | tuple[str, ...] | None
 # Logical names that may appear on activations; the same in every preset.
 _ACTIVATIONS: dict[str, MeshAxes] = {
     "batch": ("data", "fsdp", "expert"),
+    # The rows out of a pipeline (the LM head's and loss's input): each batch shard's
+    # rows split over the stages too, so no stage repeats another's head and loss.
+    "head_batch": ("data", "fsdp", "expert", "stage"),
     "length": "sequence",  # context parallelism; size 1 unless mesh.sequence > 1
     "act_embed": None,
     "act_heads": "tensor",

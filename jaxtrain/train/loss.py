@@ -77,7 +77,7 @@ def _chunks(x: jax.Array, n: int, replicas: int, ways: int) -> jax.Array:
     return jnp.moveaxis(x, (4, 2), (0, 2))
 
 
-def _replicate(head: VocabHead, n: int, ways: int) -> VocabHead:
+def _replicate(head: VocabHead, n: int, ways: int, row_axis: str) -> VocabHead:
     """The head with its parameters broadcast to ``n`` x ``ways`` copies [n, ways, ...],
     copy (s, q) on the devices holding replica s of the rows and run q of the positions,
     each whole over D.
@@ -89,7 +89,7 @@ def _replicate(head: VocabHead, n: int, ways: int) -> VocabHead:
     all tokens, every chunk's share would be all-reduced over the devices that split
     them (the batch's, and ``sequence`` under context parallelism).
     """
-    rows = "batch" if n > 1 else None
+    rows = row_axis if n > 1 else None
     runs = "length" if ways > 1 else None
 
     def copies(p: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -108,10 +108,12 @@ def chunked_cross_entropy_sum(
     chunks: int,
     row_shards: int = 1,
     sequence_shards: int = 1,
+    row_axis: str = "batch",
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`cross_entropy_sum` of the logits ``head(hidden)``, formed a chunk at a time.
 
-    With ``chunks`` 1 it is exactly ``cross_entropy_sum(head(hidden), ...)``. Otherwise the
+    With ``chunks`` 1 it is exactly ``cross_entropy_sum(head(hidden), ...)``, the logits'
+    rows laid out by ``row_axis``. Otherwise the
     positions are split into ``chunks`` interleaved chunks (a length that ``chunks`` does
     not divide is padded with positions of weight 0), and a scan over them computes each
     chunk's float32 logits, their loss, and nothing more: at most one chunk's logits (and,
@@ -132,12 +134,15 @@ def chunked_cross_entropy_sum(
         sequence_shards: the number of devices L is split over (context parallelism),
             each holding a copy too for the same reason; taken as 1 unless ``chunks``
             times it divides L.
+        row_axis: the logical name of B's split (``head_batch`` after a pipeline, which
+            splits the rows over its stages too).
 
     Returns:
         (summed loss, number of counted tokens), both float32 scalars.
     """
     if chunks == 1:
-        return cross_entropy_sum(head(hidden), targets, weights)
+        logits = head.shard(head.project(hidden), (row_axis, "length", "act_vocab"))
+        return cross_entropy_sum(logits, targets, weights)
     replicas = row_shards if targets.shape[0] % row_shards == 0 else 1
     ways = sequence_shards if targets.shape[1] % (chunks * sequence_shards) == 0 else 1
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
@@ -149,15 +154,15 @@ def chunked_cross_entropy_sum(
             jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
             for x in (hidden, targets, weights)
         )
-    heads = _replicate(head, replicas, ways)
+    heads = _replicate(head, replicas, ways, row_axis)
     # The logits' rows [S, B/S] lie as B does: S split over the batch's devices, or B/S
     # with one copy; a B that row_shards does not divide is left to XLA. Their positions
     # [Q, C/Q] lie as L does: Q split over its devices, or C/Q with one copy.
     rows = None
     if replicas > 1:
-        rows = ("batch", None)
+        rows = (row_axis, None)
     elif row_shards == 1:
-        rows = (None, "batch")
+        rows = (None, row_axis)
     runs = ("length", None) if ways > 1 else (None, "length")
 
     # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward.

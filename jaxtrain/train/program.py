@@ -153,10 +153,11 @@ def build_program(config: Config, mesh: Mesh) -> Program:
     layout = Objective.from_config(config).layout(config.data.seq_len, config.data.packing)
     batch_shardings = {key: batch_sharding for key in layout}
     # The loss forms the logits a chunk at a time (train.loss_chunk_tokens per device),
-    # keeping one copy of the head's gradient per device the batch's rows are split over.
+    # keeping one copy of the head's gradient per device the batch's rows are split over
+    # (after a pipeline, over its stages too).
     chunking = {
         "loss_chunk_tokens": config.train.loss_chunk_tokens,
-        "row_shards": shard_count(batch_sharding),
+        "row_shards": shard_count(batch_sharding) * spec.stages,
     }
     offload_params = spec.param_shardings if config.train.offloads_params else None
     step = make_train_step(

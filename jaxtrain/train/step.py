@@ -112,6 +112,8 @@ def _loss_sum(
         chunks=chunks,
         row_shards=row_shards,
         sequence_shards=ways,
+        # After a pipeline the rows are split over its stages too (models/pipeline.py).
+        row_axis="head_batch" if spec.stages > 1 else "batch",
     )
     return loss_sum, count, router_sums(stats, count)
 
