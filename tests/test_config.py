@@ -35,7 +35,7 @@ def test_overrides_parse_types_and_round_trip(tmp_path):
 
 def test_mesh_fill_axis():
     assert config.MeshConfig(data=2, fsdp=-1).resolve(8) == {
-        "data": 2, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1
+        "data": 2, "stage": 1, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1
     }  # fmt: skip
     assert config.MeshConfig(sequence=2).resolve(8)["fsdp"] == 4
 
@@ -107,7 +107,7 @@ def test_device_count_errors_speak_of_processes_and_local_devices():
     hybrid = config.load(None, ["mesh.data=4", "mesh.fsdp=2", "mesh.dcn_data=4"])
     with pytest.raises(UserError, match=r"^mesh.dcn_data: .* 4 host groups.*2 processes x 4"):
         hybrid.check_devices(8, n_processes=2)
-    sizes = {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+    sizes = {"data": 4, "stage": 1, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
     assert hybrid.check_devices(8, n_processes=4) == sizes
 
 
