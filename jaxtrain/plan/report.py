@@ -154,9 +154,7 @@ def make_plan(program: Program) -> Plan:
         mesh={k: int(v) for k, v in program.mesh.shape.items()},
         devices=int(program.mesh.devices.size),
         platform=first.platform,
-        microbatches=(
-            program.pipeline_schedule()[1] if program.spec.stages > 1 else cfg.train.microbatches
-        ),
+        microbatches=program.pipeline_schedule()[1],
         accumulation="local" if accumulates_locally(cfg, program.batch_sharding) else "sharded",
         memory=memory,
         traffic={k: traffic[k] for k in KINDS},

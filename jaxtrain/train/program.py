@@ -68,12 +68,14 @@ class Program:
         return jax.device_put(params, self.spec.param_shardings)
 
     def pipeline_schedule(self) -> tuple[int, int]:
-        """(stages, microbatches) of the pipelined layers: ``train.microbatches``, or
-        fewer where a train batch's rows do not split into that many equal parts for its
-        devices (:func:`jaxtrain.models.pipeline.microbatch_count`); (1, 1) unpipelined."""
-        if self.spec.stages == 1:
-            return 1, 1
+        """(stages, microbatches): the step's microbatches and the pipeline stages they
+        flow through. Pipelined, ``train.microbatches`` or fewer where a train batch's
+        rows do not split into that many equal parts for its devices
+        (:func:`jaxtrain.models.pipeline.microbatch_count`); unpipelined, one stage and
+        ``train.microbatches``."""
         rows, wanted = self.config.train.global_batch, self.config.train.microbatches
+        if self.spec.stages == 1:
+            return 1, wanted
         return self.spec.stages, microbatch_count(rows, wanted, shard_count(self.batch_sharding))
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
