@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxtrain.config import load
-from jaxtrain.metrics import count_params
+from jaxtrain.metrics import count_params, peak_flops
 from jaxtrain.sharding.mesh import make_mesh
 from jaxtrain.train.program import build_program
 
@@ -93,6 +93,9 @@ def run(
         "warmup": warmup,
         "losses": losses,
         "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "peak_flops": None if jax.default_backend() == "cpu" else peak_flops(jax.devices()),
     }
 
 

@@ -10,6 +10,10 @@ jaxtrain / HF (> 1 means jaxtrain is faster). MFU uses jaxtrain's model-FLOPs fo
 measured once here before the subprocesses start.
 
     python benchmarks/throughput.py --steps 5 --warmup 2 --devices 1,8 --json out.json
+
+On a GPU machine, ``--backend gpu`` runs both sides on the first GPU instead, on any
+config (``--config``, ``--set KEY=VALUE``): HF with PyTorch's fused SDPA attention and,
+when the config computes in bfloat16, ``torch.autocast`` over float32 weights.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ BENCH_CONFIG = str(HERE.parent / "configs" / "bench-cpu.yaml")
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
-def child_env(devices: int | None) -> dict[str, str]:
-    """The environment of a subprocess: CPU jax, and ``devices`` simulated devices."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+def child_env(devices: int | None, backend: str = "cpu") -> dict[str, str]:
+    """The environment of a subprocess: jax on ``backend`` and, on CPU, ``devices``
+    simulated devices."""
+    platform = "cuda" if backend == "gpu" else os.environ.get("JAX_PLATFORMS", "cpu")
+    env = dict(os.environ, JAX_PLATFORMS=platform)
     if devices is not None:
         flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG)]
         env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_FLAG}={devices}"])
@@ -66,10 +72,13 @@ def add_rates(result: dict, cfg, peak: float) -> None:
     result["mfu"] = step_flops / result["step_s"] / peak
 
 
-def summary(results: list[dict], peak: float) -> str:
+def summary(results: list[dict], peak: float, backend: str = "cpu") -> str:
     """A plain-text table of the runs, with throughput relative to HF."""
     hf = next((r for r in results if r.get("framework") == "hf" and "step_s" in r), None)
-    lines = [f"CPU float32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({os.cpu_count()} cores)"]
+    if backend == "gpu":
+        lines = [f"GPU datasheet peak (jaxtrain.metrics.PEAK_FLOPS): {peak / 1e12:.0f} TFLOP/s"]
+    else:
+        lines = [f"CPU float32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({os.cpu_count()} cores)"]
     n_params = sorted({r["n_params"] for r in results if "n_params" in r})
     if len(n_params) > 1:
         lines.append(f"WARNING: the models differ in size: {n_params} parameters")
@@ -99,17 +108,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["fsdp", "dp"], default="fsdp")
     parser.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 2 steps")
     parser.add_argument("--json", metavar="OUT", help="write all results to OUT")
+    parser.add_argument(
+        "--backend",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="gpu: both sides on the first GPU (HF with SDPA attention and autocast when "
+        "the config computes in bfloat16); MFU against the datasheet peak",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    devices = [int(d) for d in args.devices.split(",")]
+    devices = [int(d) for d in args.devices.split(",")] if args.backend == "cpu" else [None]
 
-    # The peak probe runs in this process, before any subprocess starts, on CPU.
+    # The peak probe runs in this process, before any subprocess starts, on CPU; on GPU
+    # the jaxtrain side reports the device's datasheet peak.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jaxtrain.config import load
     from jaxtrain.metrics import measure_cpu_peak
 
-    cfg = load(args.config)
-    peak = measure_cpu_peak()
+    cfg = load(args.config, args.set)
+    peak = measure_cpu_peak() if args.backend == "cpu" else None
     common = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common += [f"--set={s}" for s in args.set]
 
     results = []
     if args.only != "jax":
@@ -120,23 +139,32 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"name": "HF transformers", "framework": "hf", "skipped": skipped})
         else:
             argv_hf = [str(HERE / "hf_peer.py"), *common]
-            results.append(run_child("HF transformers", argv_hf, child_env(None)))
+            if args.backend == "gpu":
+                argv_hf.append("--device=cuda")
+            results.append(run_child("HF transformers", argv_hf, child_env(None, args.backend)))
     if args.only != "hf":
         for n in devices:
             argv_jax = [str(HERE / "jax_run.py"), *common, "--preset", args.preset]
             if args.profile:
                 argv_jax += ["--profile", str(Path(args.profile) / f"devices-{n}")]
-            name = f"jaxtrain {args.preset} x{n}"
-            results.append(run_child(name, argv_jax, child_env(n)))
+            name = f"jaxtrain {args.preset} x{n}" if n else f"jaxtrain {args.backend}"
+            results.append(run_child(name, argv_jax, child_env(n, args.backend)))
+    if peak is None:
+        peak = next((r["peak_flops"] for r in results if r.get("peak_flops")), None)
+        if peak is None:
+            print("no peak FLOP/s known for this GPU: MFU is left out", file=sys.stderr)
+            peak = float("nan")
     for r in results:
         add_rates(r, cfg, peak)
 
-    print(summary(results, peak))
+    print(summary(results, peak, args.backend))
     if args.json:
         report = {
             "config": args.config,
             "steps": args.steps,
             "warmup": args.warmup,
+            "backend": args.backend,
+            "overrides": args.set,
             "peak_flops": peak,
             "cpu_count": os.cpu_count(),
             "machine": platform.platform(),
