@@ -147,6 +147,46 @@ def test_resolve_impl_on_cpu():
         resolve_impl("flash", causal=True, q_len=8, k_len=8)
 
 
+def test_auto_on_gpu_takes_cudnn_only_where_it_computes_the_call_whole(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    call = dict(causal=True, q_len=256, k_len=256, dtype=jnp.bfloat16, head_dim=128)
+    assert resolve_impl("auto", **call) == "cudnn"
+    assert resolve_impl("auto", **{**call, "dtype": jnp.float16}) == "cudnn"
+    assert resolve_impl("auto", **call, biased=True) == "xla"
+    for change in (
+        {"dtype": jnp.float32},  # cuDNN takes half precision only
+        {"dtype": None},  # the context-parallel ring: its blocks take the Pallas kernel
+        {"head_dim": 256},
+        {"head_dim": 100},
+        {"k_len": 128},  # cuDNN's causal mask is aligned at the first query
+    ):
+        assert resolve_impl("auto", **{**call, **change}) == "pallas", change
+    assert resolve_impl("auto", **call, segments=True) == "pallas"  # dense mask otherwise
+    assert resolve_impl("auto", **call, window=64) == "pallas"
+    assert resolve_impl("auto", **{**call, "causal": False, "k_len": 128}) == "cudnn"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert resolve_impl("auto", **call) == "pallas"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_matches_reference_on_gpu(causal):
+    q, k, v = (x.astype(jnp.bfloat16) for x in inputs(15, b=2, length=256))
+    cotangent = jax.random.normal(jax.random.PRNGKey(16), q.shape, jnp.float32)
+
+    def value_and_grads(impl, q, k, v):
+        out, pullback = jax.vjp(lambda *a: attention(*a, causal=causal, impl=impl), q, k, v)
+        return out, *pullback(cotangent.astype(out.dtype))
+
+    step = jax.jit(value_and_grads, static_argnums=0)
+    assert "cudnn" in step.lower("auto", q, k, v).compile().as_text()
+    got = step("auto", q, k, v)
+    want = value_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert relative_error(a, b) < 2e-2, (name, relative_error(a, b))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off GPU")
 def test_cudnn_is_refused_off_gpu():
     q, k, v = inputs(13, b=1, length=16)
     with pytest.raises(

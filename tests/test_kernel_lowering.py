@@ -131,7 +131,7 @@ def test_gpu_shared_memory_fits_an_h100(case):
 
 
 def test_gpu_defaults_shrink_only_where_shared_memory_demands():
-    assert BlockSizes.default("gpu", 128, jnp.bfloat16) == BlockSizes(128, 128, 64, 64)
+    assert BlockSizes.default("gpu", 128, jnp.bfloat16) == BlockSizes(128, 128, 128, 64)
     assert BlockSizes.default("gpu", 256, jnp.bfloat16) == BlockSizes(128, 64, 64, 64)
     assert BlockSizes.default("tpu", 256, jnp.float32) == BlockSizes(128, 128, 128, 128)
 

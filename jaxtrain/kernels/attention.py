@@ -4,7 +4,8 @@ computed block by block so that causal attention skips the key blocks a query bl
 never see (about half the work at long lengths). ``impl="pallas"`` is the FlashAttention-2
 kernel of :mod:`jaxtrain.kernels.flash` (interpreted on CPU), ``impl="cudnn"`` is cuDNN's
 fused attention through ``jax.nn.dot_product_attention`` (GPU only). ``impl="auto"``
-picks Pallas on GPU and TPU and the fastest correct path on CPU.
+picks cuDNN on GPU where it applies and Pallas otherwise, Pallas on TPU, and the fastest
+correct path on CPU (:func:`resolve_impl`).
 
 Shapes: B batch, L query length, S key length, N query heads, K kv heads, H head dim.
 Grouped-query attention (Ainslie et al., 2023) is computed by viewing the N query heads
@@ -153,10 +154,28 @@ def chunked_causal_attention(
     return out.transpose(0, 2, 1, 3)
 
 
-def resolve_impl(impl: str, *, causal: bool, q_len: int, k_len: int, biased: bool = False) -> str:
+def resolve_impl(
+    impl: str,
+    *,
+    causal: bool,
+    q_len: int,
+    k_len: int,
+    biased: bool = False,
+    dtype=None,
+    head_dim: int | None = None,
+    segments: bool = False,
+    window: int | None = None,
+) -> str:
     """The implementation ``impl`` stands for on this backend (``auto`` made concrete).
 
-    ``auto`` is ``pallas`` on GPU and TPU. On CPU it is ``chunked`` where that applies
+    ``auto`` on GPU is ``cudnn`` for the calls cuDNN's fused attention takes whole and
+    ``pallas`` for the rest; on TPU it is ``pallas``. The cuDNN calls are bfloat16 or
+    float16 (``dtype``) with a head dim (``head_dim``) of at most 128 in steps of 8, no
+    segment ids (they would become a dense [B, 1, L, S] mask), no ``window``, and equal
+    lengths when causal. A caller that leaves ``dtype`` out (the context-parallel ring,
+    whose blocks take the Pallas kernel) keeps ``pallas``. On an H200 cuDNN ran the
+    bfloat16 forward + backward 2.6-3.2x faster than the Pallas kernel
+    (``benchmarks/RESULTS.md``). On CPU ``auto`` is ``chunked`` where that applies
     (causal, equal query and key lengths, a length that is a multiple of, and longer
     than, the block) and the reference elsewhere: the interpreted kernel is for testing.
     Attention with an additive score bias (``biased``) is always the reference.
@@ -176,7 +195,13 @@ def resolve_impl(impl: str, *, causal: bool, q_len: int, k_len: int, biased: boo
         return "xla"
     if impl != "auto":
         return impl
-    if jax.default_backend() in ("gpu", "tpu"):
+    backend = jax.default_backend()
+    if backend == "gpu":
+        half = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        heads_fit = head_dim is not None and head_dim <= 128 and head_dim % 8 == 0
+        whole = not segments and window is None and (not causal or q_len == k_len)
+        return "cudnn" if half and heads_fit and whole else "pallas"
+    if backend == "tpu":
         return "pallas"
     chunkable = causal and k_len == q_len and q_len % CHUNK == 0 and q_len > CHUNK
     return "chunked" if chunkable else "xla"
@@ -259,7 +284,15 @@ def attention(
         raise ValueError(f"attention window must be >= 1, got {window}")
     length = q.shape[1]
     impl = resolve_impl(
-        impl, causal=causal, q_len=length, k_len=k.shape[1], biased=bias is not None
+        impl,
+        causal=causal,
+        q_len=length,
+        k_len=k.shape[1],
+        biased=bias is not None,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        segments=segment_ids is not None,
+        window=window,
     )
     kwargs = dict(segment_ids=segment_ids, window=window, scale=scale)
     if impl == "chunked":

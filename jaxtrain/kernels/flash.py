@@ -57,7 +57,7 @@ class BlockSizes:
 
     q: int = 128
     k: int = 128
-    q_bwd: int = 64
+    q_bwd: int = 128
     k_bwd: int = 64
 
     @classmethod
@@ -65,11 +65,13 @@ class BlockSizes:
         """Defaults per backend.
 
         TPU: 128 everywhere, the lane width and the default of JAX's own Pallas TPU flash
-        and splash attention kernels. GPU: 128 x 128 forward and 64 x 64 backward (dK and
-        dV accumulate in registers), each kernel's key block (then query block) halved
-        until its shared memory (:func:`flash_budget.triton_smem_bytes`) fits an H100's
-        227 KiB per thread block; that takes the forward key block to 64 at bfloat16 and
-        head dim 256.
+        and splash attention kernels. GPU: 128 x 128 forward and 128 x 64 backward (dK
+        and dV accumulate in registers), each kernel's larger block halved (the key block
+        on a tie) until its shared memory (:func:`flash_budget.triton_smem_bytes`) fits
+        an H100's 227 KiB per thread block; at bfloat16 and head dim 256 that takes the
+        forward to 128 x 64 and the backward to 64 x 64. On an H200 at head dim 128 the
+        128 x 64 backward ran forward + backward 1.45x faster than 64 x 64, the best of
+        five block shapes tried (``benchmarks/RESULTS.md``).
         """
         if backend == "tpu":
             return cls(q=128, k=128, q_bwd=128, k_bwd=128)
@@ -86,8 +88,8 @@ class BlockSizes:
             return bq, bk
 
         q, k = fit("fwd", 128, 128)
-        q_dq, k_dq = fit("dq", 64, 64)
-        q_dkdv, k_dkdv = fit("dkdv", 64, 64)
+        q_dq, k_dq = fit("dq", 128, 64)
+        q_dkdv, k_dkdv = fit("dkdv", 128, 64)
         return cls(q=q, k=k, q_bwd=min(q_dq, q_dkdv), k_bwd=min(k_dq, k_dkdv))
 
     def __post_init__(self) -> None:

@@ -229,7 +229,15 @@ def attend(
             scale=scale, impl=impl,
         )  # fmt: skip
     impl = resolve_impl(
-        impl, causal=causal, q_len=q.shape[1], k_len=k.shape[1], biased=bias is not None
+        impl,
+        causal=causal,
+        q_len=q.shape[1],
+        k_len=k.shape[1],
+        biased=bias is not None,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        segments=segment_ids is not None,
+        window=window,
     )
 
     def fn(q, k, v, segment_ids):

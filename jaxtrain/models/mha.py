@@ -9,7 +9,8 @@ the scale into its initialisation). The parameters are named and laid out as in
 biases), so the Hugging Face mappings read alike.
 
 All of it goes through the kernel dispatcher (:func:`jaxtrain.models.layers.attend`):
-unbiased self- and cross-attention reach Pallas on GPU/TPU; with T5's position bias it is
+unbiased self- and cross-attention reach the fused kernels on GPU/TPU (``resolve_impl``);
+with T5's position bias it is
 the plain-JAX reference, the one implementation that takes a bias.
 
 Dimensions: B batch, L query length, S key length, D model width, N query heads, K kv
