@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jaxtrain.config import load
+from jaxtrain.hostmem import reexec_with_hugepages
 from jaxtrain.metrics import count_params, peak_flops
 from jaxtrain.sharding.mesh import make_mesh
 from jaxtrain.train.program import build_program
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", metavar="DIR", help="trace 2 extra steps into DIR")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if argv is None:  # a command line, as the jaxtrain CLI: before jax starts a backend
+        reexec_with_hugepages()
     result = run(args.config, args.preset, args.steps, args.warmup, args.profile, tuple(args.set))
     print(json.dumps(result))
 
