@@ -66,14 +66,15 @@ def microbatch_count(rows: int, wanted: int, row_ways: int) -> int:
     return 1
 
 
-def _split(x: jax.Array, m: int) -> jax.Array:
+def split_rows(x: jax.Array, m: int) -> jax.Array:
     """[B, ...] -> [M, B/M, ...], microbatch i taking rows i, i+M, ...: a device's rows
-    stay its own (as the train step splits microbatches)."""
+    stay its own, spread evenly over the microbatches (the train step's accumulation
+    splits its batch the same way), so splitting moves no data."""
     return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
 def _join(x: jax.Array) -> jax.Array:
-    """The inverse of :func:`_split`."""
+    """The inverse of :func:`split_rows`."""
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
@@ -112,8 +113,8 @@ def pipeline_blocks(
         length as everywhere."""
         return shard(a, (lead, "batch", "length", *(None,) * (a.ndim - 3)))
 
-    feed = rows(_split(x, count), None)  # [M, mb, L, D]
-    per_mb = tuple(None if a is None else _split(a, count) for a in args)
+    feed = rows(split_rows(x, count), None)  # [M, mb, L, D]
+    per_mb = tuple(None if a is None else split_rows(a, count) for a in args)
 
     def stage(layers: Any, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
         return run(layers, keys, x, args)[0]

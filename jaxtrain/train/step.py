@@ -22,6 +22,7 @@ import optax
 
 from jaxtrain.config import LossScaleConfig
 from jaxtrain.models.dense import weight_gradients_in
+from jaxtrain.models.pipeline import split_rows
 from jaxtrain.sharding.context import zigzag_batch
 from jaxtrain.sharding.grad_comm import reduce_shards
 from jaxtrain.sharding.memory import on_device
@@ -46,16 +47,8 @@ def model_inputs(batch: Batch) -> dict[str, jax.Array | None]:
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
     """[B, ...] -> [n, B/n, ...], microbatch m taking rows m, m+n, m+2n, ...
-
-    Interleaving keeps every device's shard of the batch dimension spread evenly over the
-    microbatches, so accumulation needs no data movement.
-    """
-
-    def split(x):
-        x = x.reshape(x.shape[0] // n, n, *x.shape[1:])  # [B/n, n, ...]
-        return jnp.swapaxes(x, 0, 1)
-
-    return jax.tree.map(split, batch)
+    (:func:`~jaxtrain.models.pipeline.split_rows`: no data moves)."""
+    return jax.tree.map(lambda x: split_rows(x, n), batch)
 
 
 @dataclasses.dataclass(frozen=True)
