@@ -6,6 +6,7 @@ from jaxtrain.kernels.attention import (
     attention,
     chunked_causal_attention,
     cudnn_attention,
+    resolve_call,
     resolve_impl,
     xla_attention,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "chunked_causal_attention",
     "cudnn_attention",
     "flash_attention",
+    "resolve_call",
     "resolve_impl",
     "xla_attention",
 ]

@@ -207,6 +207,31 @@ def resolve_impl(
     return "chunked" if chunkable else "xla"
 
 
+def resolve_call(
+    impl: str,
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    causal: bool,
+    segment_ids: jax.Array | None,
+    window: int | None,
+    biased: bool,
+) -> str:
+    """:func:`resolve_impl` for the call ``attention(q, k, ...)``: lengths, dtype and head
+    dim read off q [B, L, N, H] and k [B, S, K, H]."""
+    return resolve_impl(
+        impl,
+        causal=causal,
+        q_len=q.shape[1],
+        k_len=k.shape[1],
+        biased=biased,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        segments=segment_ids is not None,
+        window=window,
+    )
+
+
 def cudnn_attention(
     q: jax.Array,
     k: jax.Array,
@@ -283,17 +308,8 @@ def attention(
     if window is not None and window < 1:
         raise ValueError(f"attention window must be >= 1, got {window}")
     length = q.shape[1]
-    impl = resolve_impl(
-        impl,
-        causal=causal,
-        q_len=length,
-        k_len=k.shape[1],
-        biased=bias is not None,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        segments=segment_ids is not None,
-        window=window,
-    )
+    impl = resolve_call(impl, q, k, causal=causal, segment_ids=segment_ids, window=window,
+                        biased=bias is not None)  # fmt: skip
     kwargs = dict(segment_ids=segment_ids, window=window, scale=scale)
     if impl == "chunked":
         if not (causal and k.shape[1] == length and length % CHUNK == 0):

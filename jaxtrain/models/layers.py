@@ -21,7 +21,7 @@ from flax import nnx, struct
 
 from jaxtrain.config import RopeScalingConfig
 from jaxtrain.errors import UserError
-from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_impl, xla_attention
+from jaxtrain.kernels import KERNEL_IMPLS, attention, resolve_call, xla_attention
 from jaxtrain.models import remat
 from jaxtrain.models.dense import weight_einsum
 from jaxtrain.models.fp8 import add_histories, history_of
@@ -228,17 +228,8 @@ def attend(
             q, k, v, segment_ids, shard=shard, mode=context, causal=causal, window=window,
             scale=scale, impl=impl,
         )  # fmt: skip
-    impl = resolve_impl(
-        impl,
-        causal=causal,
-        q_len=q.shape[1],
-        k_len=k.shape[1],
-        biased=bias is not None,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        segments=segment_ids is not None,
-        window=window,
-    )
+    impl = resolve_call(impl, q, k, causal=causal, segment_ids=segment_ids, window=window,
+                        biased=bias is not None)  # fmt: skip
 
     def fn(q, k, v, segment_ids):
         return attention(
