@@ -174,7 +174,7 @@ def resolve_impl(
     segment ids (they would become a dense [B, 1, L, S] mask), no ``window``, and equal
     lengths when causal. A caller that leaves ``dtype`` out (the context-parallel ring,
     whose blocks take the Pallas kernel) keeps ``pallas``. On an H200 cuDNN ran the
-    bfloat16 forward + backward 2.6-3.2x faster than the Pallas kernel
+    bfloat16 forward + backward 1.9-2.0x faster than the Pallas kernel
     (``benchmarks/RESULTS.md``). On CPU ``auto`` is ``chunked`` where that applies
     (causal, equal query and key lengths, a length that is a multiple of, and longer
     than, the block) and the reference elsewhere: the interpreted kernel is for testing.
