@@ -171,13 +171,15 @@ class Checkpointer:
         """Committed checkpoint steps, oldest first."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, config: Config) -> None:
-        """Start saving ``state`` at ``step``; returns while the write goes on."""
+    def save(self, step: int, state: Any, config: Config, extra: dict | None = None) -> None:
+        """Start saving ``state`` at ``step``, with ``extra`` entries in its JSON record;
+        returns while the write goes on."""
         if self.read_only:
             raise RuntimeError("a read-only Checkpointer does not save")
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"step": step, "data_position": step, "seed": config.train.seed}
         meta["config"] = config.to_dict()
+        meta.update(extra or {})
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 

@@ -338,8 +338,10 @@ class MeshConfig:
     > 1 is expert parallelism (``model.moe``): each device holds that share of every
     layer's experts and tokens travel to their experts and back by all-to-all; outside
     the experts it splits the batch like ``data``. ``stage`` > 1 is pipeline parallelism:
-    each stage holds a contiguous slice of the stacked layers, and the step's
-    ``train.microbatches`` flow through the stages (``jaxtrain.models.pipeline``). In a
+    each stage holds a slice of the stacked layers, and the step's ``train.microbatches``
+    flow through the stages (``jaxtrain.models.pipeline``); ``pipeline_repeats`` > 1 makes
+    the schedule circular: each stage holds that many smaller slices, every microbatch
+    passes through the stages that many times, and the bubble shrinks by that factor. In a
     multi-host run ``dcn_data``, ``dcn_stage``, ``dcn_fsdp`` and ``dcn_sequence`` say how
     many ways of the axis go across hosts (or TPU slices), over the slower data-center
     network; the rest of each axis, and all of ``tensor``, stays within a host. All 1 (the
@@ -352,6 +354,7 @@ class MeshConfig:
     sequence: int = 1
     expert: int = 1
     stage: int = 1
+    pipeline_repeats: int = 1
     preset: str = "fsdp"
     dcn_data: int = 1
     dcn_fsdp: int = 1
@@ -369,6 +372,7 @@ class MeshConfig:
             "mesh.tensor may be -1",
         )
         _check(self.preset in PRESETS, "mesh.preset", f"must be one of {PRESETS}")
+        _check(self.pipeline_repeats >= 1, "mesh.pipeline_repeats", "must be >= 1")
         for name in ("dcn_data", "dcn_fsdp", "dcn_sequence", "dcn_stage"):
             _check(getattr(self, name) >= 1, f"mesh.{name}", "must be >= 1")
         _check(
@@ -820,7 +824,12 @@ class Config:
     def _check_stages(self, sizes: dict[str, int]) -> None:
         """Pipeline parallelism (``mesh.stage`` > 1): what it needs and what it does not
         combine with yet, each a one-line error naming its key."""
-        stages = sizes["stage"]
+        stages, repeats = sizes["stage"], self.mesh.pipeline_repeats
+        _check(
+            stages > 1 or repeats == 1,
+            "mesh.pipeline_repeats",
+            f"{repeats} needs pipeline stages (mesh.stage > 1)",
+        )
         if stages == 1:
             return
         model, train = self.model, self.train
@@ -831,10 +840,10 @@ class Config:
             f"{' and '.join(PIPELINE_FAMILIES)}, not {model.family}",
         )
         _check(
-            model.n_layers % stages == 0,
+            model.n_layers % (stages * repeats) == 0,
             "model.n_layers",
-            f"{model.n_layers} is not divisible by mesh.stage={stages} (each stage holds "
-            "an equal slice of the layers)",
+            f"{model.n_layers} is not divisible by mesh.stage={stages} x "
+            f"mesh.pipeline_repeats={repeats} (each stage holds equal slices of the layers)",
         )
         _check(
             train.microbatches >= stages,

@@ -1,8 +1,9 @@
 """Pipeline parallelism (``mesh.stage``): training steps give one device's losses and
 parameters (with the same microbatches) on stage x fsdp, stage x tensor, stage alone and
-stage x data x fsdp, packed and not, LLaMA and GPT-2; the compiled step moves activations
-between neighbouring stages and never gathers another stage's layers; checkpoints move
-between stage counts; and configs that cannot pipeline are refused in one line."""
+stage x data x fsdp, packed and not, GPipe and circular (``mesh.pipeline_repeats``),
+LLaMA and GPT-2; the compiled step moves activations between neighbouring stages and
+never gathers another stage's layers; checkpoints move between stage counts and
+schedules; and configs that cannot pipeline are refused in one line."""
 
 import functools
 import re
@@ -16,11 +17,12 @@ from test_equivalence import STEPS, assert_same_run, random_batches, relative_er
 from jaxtrain import config
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.errors import UserError
-from jaxtrain.models.pipeline import bubble_fraction, microbatch_count
+from jaxtrain.models.pipeline import bubble_fraction, layer_order, microbatch_count
 from jaxtrain.plan.hlo import _parse
 from jaxtrain.plan.report import make_plan
 from jaxtrain.sharding import make_mesh, path_str
 from jaxtrain.train import build_program
+from jaxtrain.train.layer_order import permutation, record
 from jaxtrain.train.step import _loss_sum
 
 # A length (24) that no weight dimension shares, so gathered activations and weights differ.
@@ -37,6 +39,14 @@ LAYOUTS = {
     ),
     "stage8": (("mesh.stage=8", "mesh.fsdp=1"), 8, True),
     "stage2_data2_fsdp2": (("mesh.stage=2", "mesh.data=2", "mesh.fsdp=2"), 4, True),
+    # Circular: every microbatch passes through the stages twice.
+    "stage2_fsdp4_repeats2": (("mesh.stage=2", "mesh.fsdp=4", "mesh.pipeline_repeats=2"), 4, False),
+    "stage4_tensor2_repeats2": (
+        ("mesh.preset=fsdp_tp", "mesh.stage=4", "mesh.tensor=2", "mesh.fsdp=1")
+        + ("mesh.pipeline_repeats=2",),
+        8,
+        True,
+    ),
 }
 
 
@@ -51,12 +61,13 @@ def batches(program, packed):
 
 
 def train(program, packed, state=None, steps=None):
+    """(losses, final state with its parameters in the model's order of layers)."""
     state = program.init_state() if state is None else state
     losses = []
     for batch in batches(program, packed)[:steps]:
         state, metrics = program.train_step(state, jax.device_put(batch, program.batch_sharding))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), state
+    return np.array(losses), state.replace(params=program.model_params(state.params))
 
 
 @functools.cache
@@ -79,6 +90,7 @@ def test_pipelined_steps_equal_one_device(layout):
     _, micro, packed = LAYOUTS[layout]
     result, program = pipelined(layout)
     assert program.spec.stages == program.mesh.shape["stage"] > 1
+    assert program.spec.repeats == program.config.mesh.pipeline_repeats
     assert program.pipeline_schedule() == (program.spec.stages, micro)
     assert_same_run(result, one_device(micro, packed))
 
@@ -119,7 +131,7 @@ def stage_of(program):
     return {d.id: int(idx[names.index("stage")]) for idx, d in np.ndenumerate(grid)}
 
 
-@pytest.mark.parametrize("layout", ["stage2_fsdp4", "stage8"])
+@pytest.mark.parametrize("layout", ["stage2_fsdp4", "stage8", "stage2_fsdp4_repeats2"])
 def test_stages_send_activations_to_neighbours_and_gather_no_layers(layout):
     """Every collective-permute in the compiled step's loops connects neighbouring stages
     (the activations' shift, forward and back), and no all-gather yields a whole stack of
@@ -155,15 +167,19 @@ def test_stages_send_activations_to_neighbours_and_gather_no_layers(layout):
     assert not forbidden & set(gathered), forbidden & set(gathered)
 
 
-def test_checkpoints_move_between_stage_counts(tmp_path):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_checkpoints_move_between_stage_counts(tmp_path, repeats):
     """Saved at stage=4, restored at stage=1 (one device) and then stage=2: each
-    restored run continues with the losses of a run that never stopped."""
+    restored run continues with the losses of a run that never stopped. With repeats,
+    the pipelined checkpoints hold their layers in circular order, which restoring
+    puts into the order of the layout it restores to."""
     micro = 4
     base = (f"train.microbatches={micro}",)
+    circular = (f"mesh.pipeline_repeats={repeats}",)
     layouts = [
-        (("mesh.stage=4", "mesh.fsdp=2"), jax.devices()),
+        (("mesh.stage=4", "mesh.fsdp=2", *circular), jax.devices()),
         (("mesh.fsdp=1",), jax.devices()[:1]),
-        (("mesh.stage=2", "mesh.fsdp=4"), jax.devices()),
+        (("mesh.stage=2", "mesh.fsdp=4", *circular), jax.devices()),
     ]
     reference, _ = one_device(micro, False)
     checkpointer = Checkpointer(tmp_path / "checkpoints", config.CheckpointConfig())
@@ -171,12 +187,12 @@ def test_checkpoints_move_between_stage_counts(tmp_path):
     for step, (overrides, devices) in enumerate(layouts):
         program = program_for((*base, *overrides), devices)
         if state is not None:
-            state, _ = checkpointer.restore(step, program.abstract_state)
+            state = program.adopt(*checkpointer.restore(step, program.abstract_state))
         batch = random_batches(program, 3)[step]
         fresh = program.init_state() if state is None else state
         state, metrics = program.train_step(fresh, jax.device_put(batch, program.batch_sharding))
         losses.append(float(metrics["loss"]))
-        checkpointer.save(step + 1, state, program.config)
+        checkpointer.save(step + 1, state, program.config, record(program.spec.layout()))
         checkpointer.wait()
     checkpointer.close()
     np.testing.assert_allclose(losses, reference, rtol=1e-5)
@@ -186,6 +202,8 @@ def test_checkpoints_move_between_stage_counts(tmp_path):
     "overrides,key",
     [
         (["mesh.stage=4", "mesh.fsdp=2", "model.n_layers=6"], "model.n_layers"),
+        (["mesh.stage=4", "mesh.fsdp=2", "mesh.pipeline_repeats=3"], "model.n_layers"),
+        (["mesh.fsdp=8", "mesh.pipeline_repeats=2"], "mesh.pipeline_repeats"),
         (["mesh.stage=4", "mesh.fsdp=2", "train.microbatches=2"], "train.microbatches"),
         (["mesh.stage=2", "model.family=bert", "train.objective=mlm"], "mesh.stage"),
         (["mesh.stage=2", "mesh.fsdp=2", "mesh.sequence=2"], "mesh.sequence"),
@@ -201,7 +219,15 @@ def test_bad_pipeline_config_names_its_key(overrides, key):
 def test_schedule_arithmetic():
     assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
     assert bubble_fraction(4, 28) == pytest.approx(3 / 31)
+    assert bubble_fraction(4, 4, repeats=2) == pytest.approx(3 / 11)
     assert bubble_fraction(1, 8) == 0
+    # Circular, 2 stages x 2 repeats of 2 layers: stage 0 holds layers 0-1 and 4-5.
+    np.testing.assert_array_equal(layer_order(8, 2, 2), [0, 1, 4, 5, 2, 3, 6, 7])
+    np.testing.assert_array_equal(layer_order(8, 4, 1), np.arange(8))
+    assert permutation(8, (4, 1), (2, 1)) is None  # one repeat: the model's order
+    stored = np.arange(8)[layer_order(8, 4, 2)]
+    np.testing.assert_array_equal(stored[permutation(8, (4, 2), (2, 2))], layer_order(8, 2, 2))
+    np.testing.assert_array_equal(stored[permutation(8, (4, 2), (1, 1))], np.arange(8))
     assert microbatch_count(32, 8, 4) == 8  # 4 rows each, one per device
     assert microbatch_count(32, 8, 8) == 4  # 8 rows each: the most that still split
     assert microbatch_count(6, 4, 1) == 3
@@ -213,5 +239,10 @@ def test_plan_reports_the_schedule():
     bubble; its memory is the compiled step's, with every microbatch's stage inputs."""
     _, program = pipelined("stage2_fsdp4")
     plan = make_plan(program)
-    assert plan.to_json()["pipeline"] == {"stages": 2, "microbatches": 4, "bubble": 0.2}
+    assert plan.to_json()["pipeline"] == {
+        "stages": 2,
+        "microbatches": 4,
+        "repeats": 1,
+        "bubble": 0.2,
+    }
     assert plan.memory.temporaries > 0

@@ -135,7 +135,8 @@ def _from_run(run: str, overrides: Sequence[str], console: Console) -> tuple:
 
     cfg, program, state, step = load_run(run, overrides, console)
     tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
-    return cfg.model, state.params, program.spec.logical, tokenizer, f"step {step} of {run}"
+    params = program.model_params(state.params)
+    return cfg.model, params, program.spec.logical, tokenizer, f"step {step} of {run}"
 
 
 def _from_hf(path: str) -> tuple:

@@ -19,13 +19,25 @@ tick
    them as the rules say;
 3. emits the last stage's row: microbatch ``t - (S - 1)`` is through every layer.
 
+The circular schedule (``mesh.pipeline_repeats`` R > 1; Narayanan et al., 2021's
+interleaved stages, MaxText's circular pipeline) cuts the layers into ``S R`` slices of
+``c = n / (S R)``, slice ``r S + s`` held by stage ``s``, and sends every microbatch
+through the stages R times: at tick ``t`` stage ``s`` runs pass ``(t - s) // M`` of
+microbatch ``(t - s) mod M`` on its slice of that pass. What leaves the last stage in an
+early pass waits in a buffer [M, mb, L, D] until stage 0 takes it ``M - S + 1`` ticks
+later (so ``M >= S``). The stored stack is ordered so that each stage's slices lie in its
+own rows (:func:`layer_order`); checkpoints record the order, and parameters leave the
+training program in the model's order.
+
 Autodiff of the scan is the backward schedule: the ticks in reverse, the permutes
 reversed. In the first and last ``S - 1`` ticks some stages have no microbatch and work on
-zeros that are never used (the bubble): ``(S - 1) / (M + S - 1)`` of all stage-ticks
-(:func:`bubble_fraction`), which more microbatches shrink. For the backward pass each
-device keeps its stage's input of every tick, and what remat saves inside the stage:
-activations of ``M + S - 1`` microbatches, where accumulation without pipelining holds
-one microbatch's at a time.
+stand-ins whose outputs are never used (the bubble): ``(S - 1) / (M R + S - 1)`` of all
+stage-ticks (:func:`bubble_fraction`), which more microbatches or repeats shrink (a
+stage-tick is then ``1 / R`` of a stage's layers). For the backward pass each device
+keeps its stage's input of every tick, and what remat saves inside the stage:
+activations of ``M + S - 1`` microbatches (``M R + S - 1`` inputs of ``1/R`` of the
+layers when circular), where accumulation without pipelining holds one microbatch's at a
+time.
 
 Embedding and LM head stay outside the pipeline. The embedding runs on every stage (a
 lookup); the pipeline's output, the last stage's rows, is split over the stages as well
@@ -33,16 +45,18 @@ as the batch axes (``head_batch``), so the LM head and loss, a large share of a 
 work at a large vocabulary, run once per row, not once per stage.
 
 Shapes: B batch, M microbatches, mb = B / M rows each, L length, D model width, S stages,
-K = n / S layers per stage.
+K = n / S layers per stage, R repeats.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtrain.sharding.local import ways
 from jaxtrain.sharding.partition import ActivationSharding
@@ -52,9 +66,18 @@ from jaxtrain.sharding.partition import ActivationSharding
 RunLayers = Callable[[Any, Any, jax.Array, tuple], tuple[jax.Array, Any]]
 
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """The share of a GPipe schedule's stage-ticks that have no microbatch to work on."""
-    return (stages - 1) / (microbatches + stages - 1)
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """The share of a (circular) schedule's stage-ticks that have no microbatch to work on."""
+    return (stages - 1) / (microbatches * repeats + stages - 1)
+
+
+def layer_order(n: int, stages: int, repeats: int) -> np.ndarray:
+    """Which layer each row of the stored stack holds: ``order[i]`` is the model's layer
+    at storage row ``i``. Stage ``s`` holds rows ``[s n/S, (s+1) n/S)``; in a circular
+    schedule those are its ``repeats`` slices of ``c = n / (S R)`` layers, slice ``r``
+    being layers ``[(r S + s) c, (r S + s + 1) c)``. With one repeat, the identity."""
+    c = n // (stages * repeats)
+    return np.arange(n).reshape(repeats, stages, c).swapaxes(0, 1).reshape(n)
 
 
 def microbatch_count(rows: int, wanted: int, row_ways: int) -> int:
@@ -102,11 +125,18 @@ def pipeline_blocks(
         dropout_key: one key for every (microbatch, layer), or None.
         shard: the model's activation sharding.
     """
-    stages = shard.pipeline_stages()
+    stages, repeats = shard.pipeline_stages(), shard.pipeline_repeats
     count = microbatch_count(x.shape[0], shard.pipeline_microbatches, ways(shard, "batch"))
-    per = n_layers // stages
-    staged = jax.tree.map(lambda a: a.reshape(stages, per, *a.shape[1:]), layers)
-    keys = None if dropout_key is None else jax.random.split(dropout_key, (count, stages, per))
+    if repeats > 1 and count < stages:
+        raise ValueError(
+            f"a circular schedule needs at least as many microbatches as stages ({stages}); "
+            f"the batch of {x.shape[0]} rows splits into {count}"
+        )
+    per = n_layers // (stages * repeats)
+    staged = jax.tree.map(lambda a: a.reshape(stages, repeats, per, *a.shape[1:]), layers)
+    keys = None
+    if dropout_key is not None:
+        keys = jax.random.split(dropout_key, (count, stages, repeats, per))
 
     def rows(a: jax.Array, lead: str | None) -> jax.Array:
         """``a`` [lead, mb, L, ...] laid out: lead over the stages or whole, rows and
@@ -116,22 +146,41 @@ def pipeline_blocks(
     feed = rows(split_rows(x, count), None)  # [M, mb, L, D]
     per_mb = tuple(None if a is None else split_rows(a, count) for a in args)
 
-    def stage(layers: Any, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
-        return run(layers, keys, x, args)[0]
+    def stage(
+        layers: Any, repeat: jax.Array, x: jax.Array, args: tuple, keys: jax.Array | None
+    ) -> jax.Array:
+        if repeats == 1:
+            chunk = jax.tree.map(lambda a: a[0], layers)
+        else:  # this pass's slice of the stage's layers: an index into its own rows
+            pick = functools.partial(jax.lax.dynamic_index_in_dim, index=repeat, keepdims=False)
+            chunk = jax.tree.map(pick, layers)
+        return run(chunk, keys, x, args)[0]
 
     every_stage = jax.vmap(stage, spmd_axis_name=shard.rules.lookup("layers"))
     stage_index = jnp.arange(stages)
 
-    def tick(buffer: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # Stage s takes stage s-1's output, stage 0 the next microbatch (past the last
-        # one it takes the last again, whose output never reaches the end).
-        shifted = jnp.roll(buffer, 1, axis=0).at[0].set(feed[jnp.minimum(t, count - 1)])
-        index = jnp.clip(t - stage_index, 0, count - 1)  # each stage's microbatch
+    def tick(carry: tuple, t: jax.Array) -> tuple[tuple, jax.Array]:
+        buffer, loop = carry
+        progress = t - stage_index  # how many microbatch-passes each stage has begun
+        index = jnp.clip(progress, 0, None) % count  # each stage's microbatch
+        repeat = jnp.clip(progress // count, 0, repeats - 1)  # and which pass of it
+        # Stage s takes stage s-1's output; stage 0 the next microbatch, or in a later
+        # pass the microbatch's output of the last stage, kept in ``loop`` until then
+        # (past the last one it takes the last again, whose output never reaches the end).
+        first = feed[jnp.minimum(t, count - 1)]
+        if loop is not None:
+            first = jnp.where(t < count, first, loop[t % count])
+        shifted = jnp.roll(buffer, 1, axis=0).at[0].set(first)
         stage_args = tuple(None if a is None else rows(a[index], "layers") for a in per_mb)
-        stage_keys = None if keys is None else keys[index, stage_index]
-        out = rows(every_stage(staged, rows(shifted, "layers"), stage_args, stage_keys), "layers")
-        return out, out[-1]
+        stage_keys = None if keys is None else keys[index, stage_index, repeat]
+        out = every_stage(staged, repeat, rows(shifted, "layers"), stage_args, stage_keys)
+        out = rows(out, "layers")
+        if loop is not None:
+            loop = loop.at[index[-1]].set(out[-1])
+        return (out, loop), out[-1]
 
     buffer = rows(jnp.zeros((stages, *feed.shape[1:]), x.dtype), "layers")
-    _, done = jax.lax.scan(tick, buffer, jnp.arange(count + stages - 1))
-    return shard(_join(done[stages - 1 :]), ("head_batch", "length", "act_embed"))
+    loop = None if repeats == 1 else rows(jnp.zeros_like(feed), None)
+    ticks = count * repeats + stages - 1
+    _, done = jax.lax.scan(tick, (buffer, loop), jnp.arange(ticks))
+    return shard(_join(done[ticks - count :]), ("head_batch", "length", "act_embed"))

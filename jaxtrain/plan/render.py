@@ -21,7 +21,9 @@ def print_memory(plan: Plan, console: Console, hbm: int | None) -> None:
         + (", gradients accumulated locally" if plan.accumulation == "local" else "")
         + (f", gradients sent in {plan.grad_comm}" if plan.grad_comm != "float32" else "")
         + (
-            f", {plan.stages} pipeline stages (bubble {plan.pipeline()['bubble']:.0%}; the "
+            f", {plan.stages} pipeline stages"
+            + (f" x {plan.repeats} repeats" if plan.repeats > 1 else "")
+            + f" (bubble {plan.pipeline()['bubble']:.0%}; the "
             "temporaries hold each stage's inputs of every microbatch in flight)"
             if plan.stages > 1
             else ""

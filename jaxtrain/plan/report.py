@@ -62,6 +62,7 @@ class Plan:
     experts: int = 0  # model.moe.num_experts: grouped matmuls, lowered densely on CPU
     grad_comm: str = "float32"  # train.grad_comm_dtype: what gradients cross devices in
     stages: int = 1  # pipeline stages (mesh.stage); the microbatches flow through them
+    repeats: int = 1  # passes of every microbatch through the stages (mesh.pipeline_repeats)
 
     def fits(self, hbm: int) -> bool:
         return self.memory.peak <= HEADROOM * hbm
@@ -91,9 +92,15 @@ class Plan:
         } | ({"pipeline": self.pipeline()} if self.stages > 1 else {})
 
     def pipeline(self) -> dict[str, Any]:
-        """The pipeline's schedule: stages, microbatches and the bubble's share."""
-        bubble = bubble_fraction(self.stages, self.microbatches)
-        return {"stages": self.stages, "microbatches": self.microbatches, "bubble": bubble}
+        """The pipeline's schedule: stages, microbatches, repeats (circular) and the
+        bubble's share."""
+        bubble = bubble_fraction(self.stages, self.microbatches, self.repeats)
+        return {
+            "stages": self.stages,
+            "microbatches": self.microbatches,
+            "repeats": self.repeats,
+            "bubble": bubble,
+        }
 
 
 def _f32_gradient_bytes(program: Program) -> int:
@@ -163,4 +170,5 @@ def make_plan(program: Program) -> Plan:
         experts=cfg.model.moe.num_experts,
         grad_comm=cfg.train.grad_comm_dtype,
         stages=program.spec.stages,
+        repeats=program.spec.repeats,
     )

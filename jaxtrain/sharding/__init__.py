@@ -5,6 +5,7 @@ from jaxtrain.sharding.mesh import BATCH_AXES, MESH_AXES, make_mesh
 from jaxtrain.sharding.partition import (
     ActivationSharding,
     PlanRow,
+    opt_axes,
     opt_state_shardings,
     param_logical_axes,
     partition_spec,
@@ -22,6 +23,7 @@ __all__ = [
     "PlanRow",
     "Rules",
     "make_mesh",
+    "opt_axes",
     "opt_state_shardings",
     "param_logical_axes",
     "partition_spec",

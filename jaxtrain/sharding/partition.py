@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -94,10 +94,10 @@ def tree_shardings(abstract: Any, logical: Any, mesh: Mesh, rules: Rules, *, opt
     )
 
 
-def opt_state_shardings(abstract_opt: Any, param_logical: dict, mesh: Mesh, rules: Rules) -> Any:
-    """Shardings for an optax state: each leaf whose path ends with a parameter's path
-    (``mu``, ``nu``, ...) is laid out by the optimizer-state rules; others (step counts)
-    are replicated."""
+def opt_axes(param_logical: dict) -> Callable[[Any, Any], Logical | None]:
+    """``(path, leaf) -> axes``: the logical axes of an optax state's leaf. A leaf whose
+    path ends with a parameter's path (``mu``, ``nu``, ...) and has its rank takes that
+    parameter's axes; others (step counts) None."""
     flat_logical = {
         tuple(path_str([k]) for k in path): axes
         for path, axes in jax.tree_util.tree_flatten_with_path(
@@ -106,14 +106,28 @@ def opt_state_shardings(abstract_opt: Any, param_logical: dict, mesh: Mesh, rule
     }
     depth = {len(p) for p in flat_logical}
 
-    def one(path, leaf):
+    def axes(path: Any, leaf: Any) -> Logical | None:
         keys = tuple(path_str([k]) for k in path)
         for n in depth:
-            axes = flat_logical.get(keys[-n:])
-            if axes is not None and len(axes) == leaf.ndim:
-                spec = partition_spec(axes, leaf.shape, mesh, rules, where=path_str(path), opt=True)
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, PartitionSpec())
+            found = flat_logical.get(keys[-n:])
+            if found is not None and len(found) == leaf.ndim:
+                return found
+        return None
+
+    return axes
+
+
+def opt_state_shardings(abstract_opt: Any, param_logical: dict, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings for an optax state: leaves with a parameter's axes (:func:`opt_axes`)
+    are laid out by the optimizer-state rules; others (step counts) are replicated."""
+    axes_of = opt_axes(param_logical)
+
+    def one(path, leaf):
+        axes = axes_of(path, leaf)
+        if axes is None:
+            return NamedSharding(mesh, PartitionSpec())
+        spec = partition_spec(axes, leaf.shape, mesh, rules, where=path_str(path), opt=True)
+        return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
@@ -125,12 +139,14 @@ class ActivationSharding:
     Models hold one of these and call it on hot activations, e.g.
     ``x = shard(x, ("batch", "length", "act_embed"))``, without knowing the mesh.
     ``pipeline_microbatches`` is how many microbatches a batch is split into to flow
-    through the stacked layers when the rules split them over pipeline stages.
+    through the stacked layers when the rules split them over pipeline stages, and
+    ``pipeline_repeats`` how many times each passes through the stages (circular).
     """
 
     mesh: Mesh | None = None
     rules: Rules | None = None
     pipeline_microbatches: int = 1
+    pipeline_repeats: int = 1
 
     def pipeline_stages(self) -> int:
         """How many pipeline stages the rules split the stacked ``layers`` into (1: none)."""

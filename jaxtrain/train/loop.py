@@ -39,6 +39,7 @@ from jaxtrain.metrics import (
 )
 from jaxtrain.models.pipeline import bubble_fraction
 from jaxtrain.sharding import make_mesh
+from jaxtrain.train import layer_order
 from jaxtrain.train.profile import StepProfiler
 from jaxtrain.train.program import Program, build_program
 from jaxtrain.train.rundir import RunDirectory, read_metrics
@@ -227,9 +228,11 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
     )
     if program.spec.stages > 1:
         stages, micro = program.pipeline_schedule()
+        repeats = program.spec.repeats
+        kind = f"circular, {repeats} repeats" if repeats > 1 else "GPipe"
         console.print(
-            f"pipeline: {stages} stages x {micro} microbatches (GPipe): bubble "
-            f"(S-1)/(M+S-1) = {bubble_fraction(stages, micro):.1%} of stage time",
+            f"pipeline: {stages} stages x {micro} microbatches ({kind}): bubble "
+            f"(S-1)/(M*R+S-1) = {bubble_fraction(stages, micro, repeats):.1%} of stage time",
             highlight=False,
         )
 
@@ -247,11 +250,12 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         if restored is None:
             state = program.init_state()
         else:
-            state = restored[0]
+            state = program.adopt(*restored)
             console.print(f"resumed from {checkpointer.directory / str(start)} (step {start})")
         if is_main:
             run.claim(cfg, start)
 
+        order = layer_order.record(program.spec.layout())  # of the saved stacked layers
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         step_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
         peak = peak_flops(list(mesh.devices.flat))
@@ -296,7 +300,7 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
                         pending = jax.device_get(pending)
                         _check_finite(done - len(pending), pending, finite_keys)
                     if save:
-                        checkpointer.save(done, state, cfg)
+                        checkpointer.save(done, state, cfg, order)
                     if log:
                         elapsed = time.perf_counter() - window_start
                         step_time = elapsed / (done - window_step)
@@ -339,10 +343,12 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
             progress.close()
             writer.close()
 
+    params = None
     if signals.received is None:
+        params = program.model_params(state.params)  # in the model's layer order
         saver = ocp.StandardCheckpointer()
         try:
-            saver.save(run.params, state.params, force=True)
+            saver.save(run.params, params, force=True)
             saver.wait_until_finished()
         finally:
             saver.close()
@@ -358,7 +364,7 @@ def train(cfg: Config, console: Console | None = None) -> RunResult:
         done,
         signals.received,
         program,
-        None if signals.received else state.params,
+        params,
     )
 
 

@@ -25,6 +25,12 @@ from jaxtrain.sharding.batch_shards import (
     per_shard_shardings,
     shard_count,
 )
+from jaxtrain.train.layer_order import (
+    MODEL_ORDER,
+    reorder_opt_state,
+    reorder_params,
+    saved_layout,
+)
 from jaxtrain.train.optim import make_optimizer
 from jaxtrain.train.state import ModelSpec, TrainState, create_state, model_spec, state_shardings
 from jaxtrain.train.step import LocalAccumulation, make_eval_step, make_train_step
@@ -58,7 +64,7 @@ class Program:
             params = load_params(
                 path, self.config.model, spec.abstract_params, spec.param_shardings
             )
-        return create_state(self.config, self.tx, self.state_shardings, params)
+        return create_state(self.config, self.tx, self.spec, self.state_shardings, params)
 
     def device_params(self, params: Any) -> Any:
         """``params`` on the devices: copied there from host memory when the config
@@ -66,6 +72,35 @@ class Program:
         if not self.config.train.offloads_params:
             return params
         return jax.device_put(params, self.spec.param_shardings)
+
+    def model_params(self, params: Any) -> Any:
+        """This program's ``params`` in the model's own order of the stacked layers (what
+        exports, samples and the run's ``params`` directory hold): the same arrays unless
+        a circular pipeline stores them stage by stage."""
+        layout, logical = self.spec.layout(), self.spec.logical
+        if layout[1] == 1:
+            return params
+        move = jax.jit(
+            lambda p: reorder_params(p, logical, layout, MODEL_ORDER),
+            out_shardings=self.spec.param_shardings,
+        )
+        return move(params)
+
+    def adopt(self, state: TrainState, meta: dict) -> TrainState:
+        """A state restored from a checkpoint whose JSON record is ``meta``, in this
+        program's order of the stacked layers (the checkpoint's may be another pipeline
+        schedule's; the state is donated)."""
+        src, dst, logical = saved_layout(meta), self.spec.layout(), self.spec.logical
+        if src[1] == dst[1] == 1:  # both in the model's order
+            return state
+
+        def move(state: TrainState) -> TrainState:
+            return state.replace(
+                params=reorder_params(state.params, logical, src, dst),
+                opt_state=reorder_opt_state(state.opt_state, logical, src, dst),
+            )
+
+        return jax.jit(move, out_shardings=self.state_shardings, donate_argnums=0)(state)
 
     def pipeline_schedule(self) -> tuple[int, int]:
         """(stages, microbatches): the step's microbatches and the pipeline stages they

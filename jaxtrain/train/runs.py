@@ -47,7 +47,7 @@ def load_run(
     if restored is None:
         raise UserError(f"--run: {run} has no checkpoint yet")
     state, meta = restored
-    return cfg, program, state, int(meta["step"])
+    return cfg, program, program.adopt(state, meta), int(meta["step"])
 
 
 def eval_run(run: str, overrides: Sequence[str], console: Console) -> tuple[int, float]:
@@ -76,19 +76,20 @@ def export_run(
     check_dir_path(target, "--out")
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out: {out} exists and is not empty")
-    cfg, _, state, step = load_run(run, overrides, console)
+    cfg, program, state, step = load_run(run, overrides, console)
+    params = program.model_params(state.params)
     if fmt == "hf":
         from jaxtrain.models.hf import config_to_hf, save_pretrained
 
         config_to_hf(cfg.model)  # refuse before writing anything
-        save_pretrained(cfg.model, state.params, target)
+        save_pretrained(cfg.model, params, target)
         tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
         if tokenizer.name != "byte" and jax.process_index() == 0:
             shutil.copyfile(tokenizer.name, target / "tokenizer.json")
         return step
     saver = ocp.StandardCheckpointer()
     try:
-        saver.save(target, state.params, force=True)
+        saver.save(target, params, force=True)
         saver.wait_until_finished()
     finally:
         saver.close()

@@ -29,6 +29,7 @@ from jaxtrain.sharding import (
 )
 from jaxtrain.sharding.context import sequence_ways
 from jaxtrain.train import loss_scale
+from jaxtrain.train.layer_order import MODEL_ORDER, Layout, reorder_params
 from jaxtrain.train.offload import HOST, in_memory
 
 
@@ -56,6 +57,11 @@ class ModelSpec:
     sequence_ways: int = 1  # context parallelism: batches are laid out zigzag
     moe: MoEConfig | None = None  # experts: the model reports router statistics
     stages: int = 1  # pipeline parallelism: the model splits batches into microbatches
+    repeats: int = 1  # a circular pipeline: its stacked layers are stored stage by stage
+
+    def layout(self) -> Layout:
+        """The stored order of the stacked layers (:mod:`jaxtrain.train.layer_order`)."""
+        return self.stages, self.repeats
 
     def apply(self, params: Any, tokens: jax.Array, **kwargs: Any) -> jax.Array:
         """Run the model on a pure-dict ``params`` tree."""
@@ -70,7 +76,8 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
     if mesh is not None:
         shard = ActivationSharding(mesh, rules)
         if shard.pipeline_stages() > 1:
-            shard = ActivationSharding(mesh, rules, cfg.train.microbatches)
+            micro, repeats = cfg.train.microbatches, cfg.mesh.pipeline_repeats
+            shard = ActivationSharding(mesh, rules, micro, repeats)
     abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0), shard=shard))
     graphdef, state = nnx.split(abstract, nnx.Param)
     logical = param_logical_axes(state)
@@ -78,8 +85,16 @@ def model_spec(cfg: Config, mesh: Mesh | None, rules: Rules | None) -> ModelSpec
     shardings = None if mesh is None else tree_shardings(abstract_params, logical, mesh, rules)
     moe = cfg.model.moe if cfg.model.moe.num_experts else None
     stages = shard.pipeline_stages() if isinstance(shard, ActivationSharding) else 1
+    repeats = cfg.mesh.pipeline_repeats if stages > 1 else 1
     return ModelSpec(
-        graphdef, abstract_params, logical, shardings, sequence_ways(mesh, rules), moe, stages
+        graphdef,
+        abstract_params,
+        logical,
+        shardings,
+        sequence_ways(mesh, rules),
+        moe,
+        stages,
+        repeats,
     )
 
 
@@ -96,12 +111,14 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, train_key
 
 
-def _init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable:
+def _init_fn(cfg: Config, tx: optax.GradientTransformation, spec: ModelSpec) -> Callable:
     def init(params: Any = None) -> TrainState:
         init_key, train_key = seed_keys(cfg.train.seed)
         if params is None:  # fresh random parameters (else: given, e.g. imported)
             model = models.build(cfg.model, rngs=nnx.Rngs(params=init_key))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        # Stored in the program's order of the stacked layers (a circular pipeline's).
+        params = reorder_params(params, spec.logical, MODEL_ORDER, spec.layout())
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -118,7 +135,7 @@ def state_shardings(
     cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
 ) -> tuple[TrainState, TrainState]:
     """(abstract state, its NamedShardings), without allocating anything."""
-    abstract = jax.eval_shape(_init_fn(cfg, tx))
+    abstract = jax.eval_shape(_init_fn(cfg, tx, spec))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = opt_state_shardings(abstract.opt_state, spec.logical, mesh, rules)
     params = spec.param_shardings
@@ -141,11 +158,16 @@ def state_shardings(
 
 
 def create_state(
-    cfg: Config, tx: optax.GradientTransformation, shardings: TrainState, params: Any = None
+    cfg: Config,
+    tx: optax.GradientTransformation,
+    spec: ModelSpec,
+    shardings: TrainState,
+    params: Any = None,
 ) -> TrainState:
-    """Initialise the train state directly into ``shardings``: random parameters, or
-    ``params`` (already in their shardings; donated) with a fresh optimizer state."""
+    """Initialise the train state of ``spec``'s model directly into ``shardings``: random
+    parameters, or ``params`` (in the model's layer order and already in their
+    shardings; donated) with a fresh optimizer state."""
     if params is None:
-        return jax.jit(_init_fn(cfg, tx), out_shardings=shardings)()
-    init = jax.jit(_init_fn(cfg, tx), out_shardings=shardings, donate_argnums=0)
+        return jax.jit(_init_fn(cfg, tx, spec), out_shardings=shardings)()
+    init = jax.jit(_init_fn(cfg, tx, spec), out_shardings=shardings, donate_argnums=0)
     return init(params)
