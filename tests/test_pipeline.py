@@ -95,6 +95,21 @@ def test_pipelined_steps_equal_one_device(layout):
     assert_same_run(result, one_device(micro, packed))
 
 
+def test_flash_kernel_runs_inside_the_stages():
+    """``model.attention=pallas`` (the flash kernel, interpreted on CPU) inside the stages:
+    the kernel's per-shard call is mapped over the stage axis with the rest of a stage's
+    work, and the circular pipeline's losses are one device's (whose attention is the
+    reference)."""
+    overrides, micro, packed = LAYOUTS["stage2_fsdp4_repeats2"]
+    extra = (*overrides, f"train.microbatches={micro}", "model.attention=pallas")
+    program = program_for(extra, jax.devices())
+    step = jax.make_jaxpr(program.train_step)
+    jaxpr = str(step(program.abstract_state, program.abstract_batch()))
+    assert "pallas_call" in jaxpr
+    losses, _ = train(program, packed)
+    np.testing.assert_allclose(losses, one_device(micro, packed)[0], rtol=1e-5)
+
+
 def loss_gradients(program):
     """The gradient of the summed loss of one batch at the initial parameters."""
     state = program.init_state()
