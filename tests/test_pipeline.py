@@ -11,6 +11,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from rich.console import Console
 from test_context_parallel import packed_batches
 from test_equivalence import STEPS, assert_same_run, random_batches, relative_error
 
@@ -23,6 +24,8 @@ from jaxtrain.plan.report import make_plan
 from jaxtrain.sharding import make_mesh, path_str
 from jaxtrain.train import build_program
 from jaxtrain.train.layer_order import permutation, record
+from jaxtrain.train.loop import loss_curve
+from jaxtrain.train.loop import train as train_run
 from jaxtrain.train.step import _loss_sum
 
 # A length (24) that no weight dimension shares, so gathered activations and weights differ.
@@ -211,6 +214,28 @@ def test_checkpoints_move_between_stage_counts(tmp_path, repeats):
         checkpointer.wait()
     checkpointer.close()
     np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+def test_a_circular_run_resumes_without_stages(tmp_path):
+    """The training loop: the start-up line gives the circular schedule's bubble, each
+    checkpoint records the stored layer order, and a run saved with stage=2 x 2 repeats
+    resumes with no stages at the loss of a run that never had any."""
+    base = [*PIPE, "model.vocab_size=512", "train.microbatches=4", "checkpoint.every=2"]
+    base += ["train.log_every=1", "checkpoint.async_save=false", "sample.max_new_tokens=0"]
+    circular = ["mesh.stage=2", "mesh.fsdp=4", "mesh.pipeline_repeats=2", "train.steps=2"]
+    plain = ["mesh.fsdp=8", "train.steps=3"]
+    console = Console(record=True, width=300)
+    cut = config.load(None, [*base, *circular, f"run.dir={tmp_path / 'cut'}"])
+    train_run(cut, console)
+    said = console.export_text()
+    assert "pipeline: 2 stages x 4 microbatches (circular, 2 repeats): bubble" in said
+    assert "= 11.1% of stage time" in said  # (S-1)/(M R+S-1) = 1/9
+    quiet = Console(quiet=True)
+    resumed = train_run(config.load(None, [*base, *plain, f"run.dir={tmp_path / 'cut'}"]), quiet)
+    whole = train_run(config.load(None, [*base, *plain, f"run.dir={tmp_path / 'whole'}"]), quiet)
+    assert resumed.start_step == 2
+    losses = [loss_curve(r.metrics_path)[1][-1] for r in (resumed, whole)]
+    np.testing.assert_allclose(*losses, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
