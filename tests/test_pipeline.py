@@ -5,6 +5,7 @@ LLaMA and GPT-2; the compiled step moves activations between neighbouring stages
 never gathers another stage's layers; checkpoints move between stage counts and
 schedules; and configs that cannot pipeline are refused in one line."""
 
+import collections
 import functools
 import re
 
@@ -149,17 +150,33 @@ def stage_of(program):
     return {d.id: int(idx[names.index("stage")]) for idx, d in np.ndenumerate(grid)}
 
 
-@pytest.mark.parametrize("layout", ["stage2_fsdp4", "stage8", "stage2_fsdp4_repeats2"])
+def loop_collectives(computations, entry):
+    """(opcode, result type) -> count, of the collectives inside the step's loops."""
+    return collections.Counter(
+        (inst.opcode, inst.type)
+        for name, body in computations.items()
+        if name != entry
+        for inst in body
+        if inst.opcode.startswith(("all-", "collective-", "reduce-scatter"))
+    )
+
+
+@pytest.mark.parametrize("layout", ["stage2_fsdp4", "stage8", "stage4_tensor2_repeats2"])
 def test_stages_send_activations_to_neighbours_and_gather_no_layers(layout):
     """Every collective-permute in the compiled step's loops connects neighbouring stages
     (the activations' shift, forward and back), and no all-gather yields a whole stack of
-    layers [n, ...]; with one stage per device (stage8) not even one layer's weight."""
+    layers [n, ...]; with one stage per device (stage8) not even one layer's weight. A
+    circular schedule's loops run the same collectives as GPipe's on the same layout:
+    its passes' hand-back rides the shift."""
     _, program = pipelined(layout)
     hlo = program.compile()[0].as_text()
     stage, stages = stage_of(program), program.spec.stages
     # The shifts run inside the tick loop (outside it, XLA may reshuffle the embedding
     # table or token ids for the lookup); they move activations.
     computations, _, entry = _parse(hlo)
+    if program.spec.repeats > 1:
+        gpipe = pipelined(layout.removesuffix("_repeats2"))[1].compile()[0].as_text()
+        assert loop_collectives(computations, entry) == loop_collectives(*_parse(gpipe)[::2])
     permutes = [
         re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", inst.rest)[1]
         for name, body in computations.items()

@@ -24,10 +24,11 @@ interleaved stages, MaxText's circular pipeline) cuts the layers into ``S R`` sl
 ``c = n / (S R)``, slice ``r S + s`` held by stage ``s``, and sends every microbatch
 through the stages R times: at tick ``t`` stage ``s`` runs pass ``(t - s) // M`` of
 microbatch ``(t - s) mod M`` on its slice of that pass. What leaves the last stage in an
-early pass waits in a buffer [M, mb, L, D] until stage 0 takes it ``M - S + 1`` ticks
-later (so ``M >= S``). The stored stack is ordered so that each stage's slices lie in its
-own rows (:func:`layer_order`); checkpoints record the order, and parameters leave the
-training program in the model's order.
+early pass reaches stage 0 by the same shift and waits there in a buffer [M, mb, L, D]
+until stage 0 takes it ``M - S + 1`` ticks after it was made (so ``M >= S``). The stored
+stack is ordered so that each stage's slices lie in its own rows (:func:`layer_order`);
+checkpoints record the order, and parameters leave the training program in the model's
+order.
 
 Autodiff of the scan is the backward schedule: the ticks in reverse, the permutes
 reversed. In the first and last ``S - 1`` ticks some stages have no microbatch and work on
@@ -143,6 +144,10 @@ def pipeline_blocks(
         length as everywhere."""
         return shard(a, (lead, "batch", "length", *(None,) * (a.ndim - 3)))
 
+    def filed(a: jax.Array) -> jax.Array:
+        """The circular schedule's buffer [S, M, mb, L, D] laid out: a slab per stage."""
+        return shard(a, ("layers", None, "batch", "length", None))
+
     feed = rows(split_rows(x, count), None)  # [M, mb, L, D]
     per_mb = tuple(None if a is None else split_rows(a, count) for a in args)
 
@@ -164,23 +169,29 @@ def pipeline_blocks(
         progress = t - stage_index  # how many microbatch-passes each stage has begun
         index = jnp.clip(progress, 0, None) % count  # each stage's microbatch
         repeat = jnp.clip(progress // count, 0, repeats - 1)  # and which pass of it
-        # Stage s takes stage s-1's output; stage 0 the next microbatch, or in a later
-        # pass the microbatch's output of the last stage, kept in ``loop`` until then
-        # (past the last one it takes the last again, whose output never reaches the end).
-        first = feed[jnp.minimum(t, count - 1)]
-        if loop is not None:
-            first = jnp.where(t < count, first, loop[t % count])
-        shifted = jnp.roll(buffer, 1, axis=0).at[0].set(first)
+        # Stage s takes stage s-1's output; stage 0 the next microbatch (past the last
+        # one it takes the last again, whose output never reaches the end).
+        rolled = jnp.roll(buffer, 1, axis=0)
+        fresh = feed[jnp.minimum(t, count - 1)]
+        if loop is None:
+            shifted = rolled.at[0].set(fresh)
+        else:
+            # In a later pass stage 0 takes the microbatch's output of the last stage,
+            # which the roll brought it a tick after it was made: each stage files its
+            # rolled row in its own slab of ``loop`` [S, M, ...] (only stage 0's is ever
+            # read), so nothing but the roll crosses between stages.
+            made = jnp.clip(t - stages, 0, None) % count  # the last stage's at t - 1
+            loop = filed(loop.at[:, made].set(rolled))
+            first = jnp.where(t < count, fresh[None], loop[:, t % count])
+            shifted = jnp.where((stage_index == 0)[:, None, None, None], first, rolled)
         stage_args = tuple(None if a is None else rows(a[index], "layers") for a in per_mb)
         stage_keys = None if keys is None else keys[index, stage_index, repeat]
         out = every_stage(staged, repeat, rows(shifted, "layers"), stage_args, stage_keys)
         out = rows(out, "layers")
-        if loop is not None:
-            loop = loop.at[index[-1]].set(out[-1])
         return (out, loop), out[-1]
 
     buffer = rows(jnp.zeros((stages, *feed.shape[1:]), x.dtype), "layers")
-    loop = None if repeats == 1 else rows(jnp.zeros_like(feed), None)
+    loop = None if repeats == 1 else filed(jnp.zeros((stages, *feed.shape), x.dtype))
     ticks = count * repeats + stages - 1
     _, done = jax.lax.scan(tick, (buffer, loop), jnp.arange(ticks))
     return shard(_join(done[ticks - count :]), ("head_batch", "length", "act_embed"))
