@@ -238,7 +238,8 @@ def test_a_circular_run_resumes_without_stages(tmp_path):
     checkpoint records the stored layer order, and a run saved with stage=2 x 2 repeats
     resumes with no stages at the loss of a run that never had any."""
     base = [*PIPE, "model.vocab_size=512", "train.microbatches=4", "checkpoint.every=2"]
-    base += ["train.log_every=1", "checkpoint.async_save=false", "sample.max_new_tokens=0"]
+    base += ["train.log_every=1", "train.eval_every=0", "checkpoint.async_save=false"]
+    base += ["sample.max_new_tokens=0"]
     circular = ["mesh.stage=2", "mesh.fsdp=4", "mesh.pipeline_repeats=2", "train.steps=2"]
     plain = ["mesh.fsdp=8", "train.steps=3"]
     console = Console(record=True, width=300)
