@@ -19,6 +19,7 @@ from test_equivalence import STEPS, assert_same_run, random_batches, relative_er
 from jaxtrain import config
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.errors import UserError
+from jaxtrain.generate.api import Generator
 from jaxtrain.models.pipeline import bubble_fraction, layer_order, microbatch_count
 from jaxtrain.plan.hlo import _parse
 from jaxtrain.plan.report import make_plan
@@ -235,8 +236,9 @@ def test_checkpoints_move_between_stage_counts(tmp_path, repeats):
 
 def test_a_circular_run_resumes_without_stages(tmp_path):
     """The training loop: the start-up line gives the circular schedule's bubble, each
-    checkpoint records the stored layer order, and a run saved with stage=2 x 2 repeats
-    resumes with no stages at the loss of a run that never had any."""
+    checkpoint records the stored layer order, generation from the run reads the layers
+    in the model's order, and a run saved with stage=2 x 2 repeats resumes with no
+    stages at the loss of a run that never had any."""
     base = [*PIPE, "model.vocab_size=512", "train.microbatches=4", "checkpoint.every=2"]
     base += ["train.log_every=1", "train.eval_every=0", "checkpoint.async_save=false"]
     base += ["sample.max_new_tokens=0"]
@@ -244,10 +246,14 @@ def test_a_circular_run_resumes_without_stages(tmp_path):
     plain = ["mesh.fsdp=8", "train.steps=3"]
     console = Console(record=True, width=300)
     cut = config.load(None, [*base, *circular, f"run.dir={tmp_path / 'cut'}"])
-    train_run(cut, console)
+    saved = train_run(cut, console)
     said = console.export_text()
     assert "pipeline: 2 stages x 4 microbatches (circular, 2 repeats): bubble" in said
     assert "= 11.1% of stage time" in said  # (S-1)/(M R+S-1) = 1/9
+    # Generating from the run reads its checkpoint: the layers come in the model's order,
+    # as the run's own end-of-run parameters do.
+    generator = Generator.from_run(str(tmp_path / "cut"), console=Console(quiet=True))
+    jax.tree.map(np.testing.assert_array_equal, generator.params, saved.params)
     quiet = Console(quiet=True)
     resumed = train_run(config.load(None, [*base, *plain, f"run.dir={tmp_path / 'cut'}"]), quiet)
     whole = train_run(config.load(None, [*base, *plain, f"run.dir={tmp_path / 'whole'}"]), quiet)

@@ -57,12 +57,13 @@ class Generator:
 
         cfg, program, state, _ = load_run(run, overrides, console or Console(stderr=True))
         _check_family(cfg.model, "--run")
-        return cls.from_program(cfg, program, state.params)
+        return cls.from_program(cfg, program, program.model_params(state.params))
 
     @classmethod
     def from_program(cls, cfg: Config, program: Program, params: Any) -> Generator:
-        """The model a training program trains, with ``params`` as it holds them (the
-        sample at the end of ``jaxtrain train``), and the run's tokenizer."""
+        """The model a training program trains, with ``params`` laid out as it holds
+        them but in the model's order of layers (:meth:`Program.model_params`; the sample
+        at the end of ``jaxtrain train``), and the run's tokenizer."""
         from jaxtrain.train.state import model_spec
 
         tokenizer = load_tokenizer(cfg.data.tokenizer, eos_id=cfg.data.eos_id)
