@@ -554,12 +554,12 @@ class TrainConfig:
     ``none`` keeps both on them.
     """
 
-    steps: int = 150
+    steps: int = 100
     global_batch: int = 16
     microbatches: int = 1
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 50
+    eval_every: int = 25
     eval_batches: int = 4
     on_nonfinite: str = "stop"
     objective: str = "causal_lm"

@@ -138,7 +138,7 @@ def test_default_run_learns(tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert len(evals) == 3 and evals[-1] < evals[0] - 0.3 and evals[-1] < 2.5, evals
+    assert len(evals) == 4 and evals[-1] < evals[0] - 0.3 and evals[-1] < 2.5, evals
     for name in ("metrics.jsonl", "tensorboard", "params"):
         assert str(run_dir / name) in proc.stdout, name
     assert "sample (64 tokens, greedy):" in proc.stdout  # and the model's text after it
