@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -63,14 +64,29 @@ def run(
     batches = [jax.device_put(b, program.batch_sharding) for b in host]
     jax.block_until_ready(batches)
 
-    times, losses = [], []
+    times, losses, usage = [], [], []
     for i in range(warmup + steps):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         state, metrics = compiled(state, batches[i])
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
         losses.append(float(metrics["loss"]))
-        print(f"jaxtrain step {i + 1}: {times[-1]:.3f}s loss {losses[-1]:.4f}", file=sys.stderr)
+        # The process's CPU time (all threads) and minor page faults during the step.
+        usage.append(
+            {
+                "user_s": after.ru_utime - before.ru_utime,
+                "sys_s": after.ru_stime - before.ru_stime,
+                "minor_faults": after.ru_minflt - before.ru_minflt,
+            }
+        )
+        print(
+            f"jaxtrain step {i + 1}: {times[-1]:.3f}s loss {losses[-1]:.4f} "
+            f"(cpu user {usage[-1]['user_s']:.2f}s sys {usage[-1]['sys_s']:.2f}s, "
+            f"{usage[-1]['minor_faults']} minor faults)",
+            file=sys.stderr,
+        )
 
     if profile:
         jax.profiler.start_trace(profile)
@@ -91,6 +107,7 @@ def run(
         "compile_s": compile_s,
         "step_s": statistics.median(timed),
         "step_times_s": times,
+        "step_usage": usage,
         "warmup": warmup,
         "losses": losses,
         "jax_version": jax.__version__,
