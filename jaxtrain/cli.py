@@ -473,12 +473,12 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # a command line: large host blocks on huge pages (jaxtrain.hostmem)
-        from jaxtrain.hostmem import reexec_with_hugepages
-
-        reexec_with_hugepages()
-    args = _parser().parse_args(argv)
     try:
+        if argv is None:  # a command line: how large host blocks are allocated (hostmem)
+            from jaxtrain.hostmem import reexec
+
+            reexec()
+        args = _parser().parse_args(argv)
         if args.command == "prepare":
             return _prepare(args)
         if args.command == "launch":
