@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from jaxtrain.config import load
-from jaxtrain.hostmem import reexec_with_hugepages
+from jaxtrain.errors import UserError
+from jaxtrain.hostmem import reexec
 from jaxtrain.metrics import count_params, peak_flops
 from jaxtrain.sharding.mesh import make_mesh
 from jaxtrain.train.program import build_program
@@ -110,6 +111,8 @@ def run(
         "step_usage": usage,
         "warmup": warmup,
         "losses": losses,
+        # The process's peak resident memory (Linux reports KiB).
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
@@ -127,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if argv is None:  # a command line, as the jaxtrain CLI: before jax starts a backend
-        reexec_with_hugepages()
+        try:
+            reexec()
+        except UserError as err:
+            raise SystemExit(f"jax_run: {err}") from None
     result = run(args.config, args.preset, args.steps, args.warmup, args.profile, tuple(args.set))
     print(json.dumps(result))
 

@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         help="gpu: both sides on the first GPU (HF with SDPA attention and autocast when "
         "the config computes in bfloat16); MFU against the datasheet peak",
     )
+    parser.add_argument(
+        "--hf-tbb",
+        action="store_true",
+        help="also run HF with oneTBB's allocator preloaded, as JAXTRAIN_HOST_MALLOC=tbb "
+        "gives jaxtrain (needs the tbb package); ratios stay against plain HF",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")] if args.backend == "cpu" else [None]
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     # the jaxtrain side reports the device's datasheet peak.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jaxtrain.config import load
+    from jaxtrain.errors import UserError
+    from jaxtrain.hostmem import tbb_env
     from jaxtrain.metrics import measure_cpu_peak
 
     cfg = load(args.config, args.set)
@@ -142,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.backend == "gpu":
                 argv_hf.append("--device=cuda")
             results.append(run_child("HF transformers", argv_hf, child_env(None, args.backend)))
+            if args.hf_tbb:
+                env = child_env(None, args.backend)
+                try:
+                    env = tbb_env(env) or env
+                except UserError as err:
+                    raise SystemExit(f"throughput: --hf-tbb: {err}") from None
+                results.append(run_child("HF + oneTBB malloc", argv_hf, env))
     if args.only != "hf":
         for n in devices:
             argv_jax = [str(HERE / "jax_run.py"), *common, "--preset", args.preset]
