@@ -10,6 +10,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from helpers.bounds import F32, LINEAR_ADAM, UPDATE, update_error
 from tiny import TINY
 
 from jaxtrain import config
@@ -18,7 +19,7 @@ from jaxtrain.sharding import ActivationSharding, make_mesh, per_shard, preset
 from jaxtrain.train import build_program
 
 EOS = 0
-STEPS = (*TINY, "train.steps=2", "optim.warmup_steps=1", "optim.lr=1e-3", "data.packing=true")
+STEPS = (*TINY, "train.steps=2", "optim.warmup_steps=1", *LINEAR_ADAM, "data.packing=true")
 
 LAYOUTS = {
     "dp8": ["mesh.preset=dp", "mesh.data=8", "mesh.fsdp=1"],
@@ -56,24 +57,29 @@ def run(overrides, devices, initial=None):
     return np.array(losses), jax.device_get(state.params), initial
 
 
+def _pair(x):
+    return isinstance(x, tuple)
+
+
 @functools.cache
 def reference():
     """The plain-XLA attention on one device."""
     return run(["mesh.fsdp=1", "model.attention=xla"], jax.devices()[:1])
 
 
-def relative_error(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pallas_train_step_matches_reference(layout):
     ref_losses, ref_params, initial = reference()
     losses, params, _ = run([*LAYOUTS[layout], "model.attention=pallas"], jax.devices(), initial)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    errors = jax.tree.map(relative_error, params, ref_params)
-    assert max(jax.tree.leaves(errors)) <= 1e-5, errors
+    np.testing.assert_allclose(losses, ref_losses, rtol=F32)
+    # Each tensor's update (see helpers.bounds: why the update, and why this optimizer).
+    errors = jax.tree.map(
+        lambda a, b, s: update_error(a, b, s, len(losses), UPDATE),
+        params,
+        ref_params,
+        initial.params,
+    )
+    assert all(e <= allowed for e, allowed in jax.tree.leaves(errors, is_leaf=_pair)), errors
 
 
 def test_per_shard_runs_on_local_blocks():

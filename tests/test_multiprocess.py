@@ -8,6 +8,7 @@ the same step; a crashed rank makes the launcher stop the other and fail fast.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers.bounds import F32, LINEAR_ADAM, UPDATE, update_error
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny import TINY
@@ -48,6 +50,7 @@ RUN = [
     "train.eval_every=0",
     "checkpoint.every=2",
     "optim.warmup_steps=1",
+    *LINEAR_ADAM,  # so that the updates can be compared (helpers.bounds)
     "sample.max_new_tokens=0",  # sampled once, by the reference launch
 ]
 LONG = ["train.steps=40"]  # for runs that are stopped from outside
@@ -136,14 +139,29 @@ def committed(run_dir):
     return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@functools.cache
+def start_params():
+    """The parameters every run here starts from (the same seed on any layout)."""
+    cfg = config.load(None, RUN)
+    return jax.device_get(build_program(cfg, make_mesh(cfg)).init_state().params)
+
+
 def assert_close(a_dir, b_dir, steps=None):
+    """The logged losses and norms at F32, the parameters' updates at UPDATE."""
     for key in ("loss", "grad_norm", "param_norm"):
-        np.testing.assert_allclose(metric(a_dir, key, steps), metric(b_dir, key, steps), rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        final_params(a_dir),
-        final_params(b_dir),
-    )
+        np.testing.assert_allclose(metric(a_dir, key, steps), metric(b_dir, key, steps), rtol=F32)
+    steps = len(rows(b_dir))
+    errors = [
+        update_error(end, reference_end, start, steps, UPDATE)
+        for end, reference_end, start in zip(
+            *(
+                jax.tree.leaves(t)
+                for t in (final_params(a_dir), final_params(b_dir), start_params())
+            ),
+            strict=True,
+        )
+    ]
+    assert all(error <= allowed for error, allowed in errors), errors
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,10 @@ parameters (with the same microbatches) on stage x fsdp, stage x tensor, stage a
 stage x data x fsdp, packed and not, GPipe and circular (``mesh.pipeline_repeats``),
 LLaMA and GPT-2; the compiled step moves activations between neighbouring stages and
 never gathers another stage's layers; checkpoints move between stage counts and
-schedules; and configs that cannot pipeline are refused in one line."""
+schedules; and configs that cannot pipeline are refused in one line.
+
+A dropped stage fails the comparison: with the last stage passing its input on
+untouched, stage2_fsdp4's losses were 4.4e-4 off and its updates 0.97 of their scale."""
 
 import collections
 import functools
@@ -12,9 +15,9 @@ import re
 import jax
 import numpy as np
 import pytest
+from helpers.bounds import F32
+from helpers.runs import STEPS, assert_same_run, packed_batches, random_batches, train
 from rich.console import Console
-from test_context_parallel import packed_batches
-from test_equivalence import STEPS, assert_same_run, random_batches, relative_error
 
 from jaxtrain import config
 from jaxtrain.checkpoint import Checkpointer
@@ -23,12 +26,11 @@ from jaxtrain.generate.api import Generator
 from jaxtrain.models.pipeline import bubble_fraction, layer_order, microbatch_count
 from jaxtrain.plan.hlo import _parse
 from jaxtrain.plan.report import make_plan
-from jaxtrain.sharding import make_mesh, path_str
+from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
 from jaxtrain.train.layer_order import permutation, record
 from jaxtrain.train.loop import loss_curve
 from jaxtrain.train.loop import train as train_run
-from jaxtrain.train.step import _loss_sum
 
 # A length (24) that no weight dimension shares, so gathered activations and weights differ.
 PIPE = (*STEPS, "model.n_layers=8", "train.global_batch=32", "data.seq_len=24")
@@ -65,21 +67,12 @@ def batches(program, packed):
     return packed_batches(program, n) if packed else random_batches(program, n)
 
 
-def train(program, packed, state=None, steps=None):
-    """(losses, final state with its parameters in the model's order of layers)."""
-    state = program.init_state() if state is None else state
-    losses = []
-    for batch in batches(program, packed)[:steps]:
-        state, metrics = program.train_step(state, jax.device_put(batch, program.batch_sharding))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), state.replace(params=program.model_params(state.params))
-
-
 @functools.cache
 def one_device(microbatches, packed, family=()):
     extra = (f"train.microbatches={microbatches}", "mesh.fsdp=1")
     extra += ("data.packing=true",) * packed
-    return train(program_for(extra, jax.devices()[:1], family), packed)
+    program = program_for(extra, jax.devices()[:1], family)
+    return train(program, batches(program, packed))
 
 
 @functools.cache
@@ -87,7 +80,7 @@ def pipelined(layout, family=()):
     overrides, micro, packed = LAYOUTS[layout]
     extra = (*overrides, f"train.microbatches={micro}", *("data.packing=true",) * packed)
     program = program_for(extra, jax.devices(), family)
-    return train(program, packed), program
+    return train(program, batches(program, packed)), program
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -111,37 +104,14 @@ def test_flash_kernel_runs_inside_the_stages():
     step = jax.make_jaxpr(program.train_step)
     jaxpr = str(step(program.abstract_state, program.abstract_batch()))
     assert "pallas_call" in jaxpr
-    losses, _ = train(program, packed)
-    np.testing.assert_allclose(losses, one_device(micro, packed)[0], rtol=1e-5)
-
-
-def loss_gradients(program):
-    """The gradient of the summed loss of one batch at the initial parameters."""
-    state = program.init_state()
-    batch = jax.device_put(random_batches(program, 1)[0], program.batch_sharding)
-    loss = functools.partial(_loss_sum, program.spec, batch=batch, key=None, chunk_tokens=0)
-    grads = jax.jit(jax.grad(lambda params: loss(params, row_shards=1)[0]))(state.params)
-    return jax.device_get(grads)
+    losses = train(program, batches(program, packed)).losses
+    np.testing.assert_allclose(losses, one_device(micro, packed).losses, rtol=F32)
 
 
 def test_gpt2_pipelined_equals_one_device():
-    """GPT-2 (learned positions, biases, LayerNorm): the same losses, and the same
-    gradients. Its parameters after 3 AdamW steps are not compared at 1e-5: Adam divides
-    each element's step by that element's gradient scale, so a bias element with a tiny
-    gradient carries its gradient's rounding (here ~1e-6 of the tensor's largest) into
-    its step almost whole (2.8e-5 of the largest bias measured for ``mlp/b_in``)."""
-    (losses, _), program = pipelined("stage2_fsdp4", GPT2)
-    reference = program_for(("train.microbatches=4", "mesh.fsdp=1"), jax.devices()[:1], GPT2)
-    np.testing.assert_allclose(losses, train(reference, False)[0], rtol=1e-5)
-    got, want = loss_gradients(program), loss_gradients(reference)
-    errors = {
-        path_str(path): relative_error(g, w)
-        for (path, g), w in zip(
-            jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
-        )
-        if not path_str(path).endswith("attn/bk")  # zero exact gradient: see test_equivalence
-    }
-    assert max(errors.values()) <= 1e-5, errors
+    """GPT-2 (learned positions, biases, LayerNorm): the same losses and updates."""
+    result, _ = pipelined("stage2_fsdp4", GPT2)
+    assert_same_run(result, one_device(4, False, GPT2))
 
 
 def stage_of(program):
@@ -217,7 +187,7 @@ def test_checkpoints_move_between_stage_counts(tmp_path, repeats):
         (("mesh.fsdp=1",), jax.devices()[:1]),
         (("mesh.stage=2", "mesh.fsdp=4", *circular), jax.devices()),
     ]
-    reference, _ = one_device(micro, False)
+    reference = one_device(micro, False).losses
     checkpointer = Checkpointer(tmp_path / "checkpoints", config.CheckpointConfig())
     state, losses = None, []
     for step, (overrides, devices) in enumerate(layouts):
@@ -231,7 +201,7 @@ def test_checkpoints_move_between_stage_counts(tmp_path, repeats):
         checkpointer.save(step + 1, state, program.config, record(program.spec.layout()))
         checkpointer.wait()
     checkpointer.close()
-    np.testing.assert_allclose(losses, reference, rtol=1e-5)
+    np.testing.assert_allclose(losses, reference, rtol=F32)
 
 
 def test_a_circular_run_resumes_without_stages(tmp_path):
@@ -259,7 +229,7 @@ def test_a_circular_run_resumes_without_stages(tmp_path):
     whole = train_run(config.load(None, [*base, *plain, f"run.dir={tmp_path / 'whole'}"]), quiet)
     assert resumed.start_step == 2
     losses = [loss_curve(r.metrics_path)[1][-1] for r in (resumed, whole)]
-    np.testing.assert_allclose(*losses, rtol=1e-5)
+    np.testing.assert_allclose(*losses, rtol=F32)
 
 
 @pytest.mark.parametrize(
