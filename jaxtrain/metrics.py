@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,8 @@ class MetricsWriter:
         self.tb_dir = run_dir / "tensorboard"
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
         self._jsonl = self.jsonl_path.open("a")
-        self._tb = SummaryWriter(logdir=str(self.tb_dir), purge_step=purge_step)
+        self._tb = _summary_writer()(logdir=str(self.tb_dir), purge_step=purge_step)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -128,6 +127,22 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _summary_writer() -> type:
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch. tensorboardX imports
+    torch whenever it is installed (the ``hf`` extra), only to accept torch tensors; the
+    scalars written here are floats, and importing torch would add about a second to
+    every run's start."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _plain(value: Any) -> Any:

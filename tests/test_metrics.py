@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 import types
 
 import pytest
@@ -63,3 +65,22 @@ def test_progress_shows_loss_throughput_and_mfu(terminal):
     progress.close()
     text = buffer.getvalue()
     assert "1.2345" in text and "4,321 tok/s" in text and "MFU 25.0%" in text
+
+
+def test_the_writer_starts_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when it is installed; the writer keeps it out (a second
+    of every run's start), writes its event file, and torch still imports afterwards."""
+    code = f"""
+import sys
+from pathlib import Path
+from jaxtrain.metrics import MetricsWriter
+writer = MetricsWriter(Path({str(tmp_path)!r}))
+writer.write(1, {{"loss": 2.0}})
+writer.close()
+assert "torch" not in sys.modules, "torch was imported"
+import torch
+print(torch.zeros(1).shape)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
