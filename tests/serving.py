@@ -2,7 +2,6 @@
 chat template, and a real server process on 127.0.0.1."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+from helpers.cli import xla_env
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CHAT_TEMPLATE = (
@@ -51,8 +51,7 @@ class Server:
     def __init__(self, *args: str, log: Path):
         exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
         # JAX_LOG_COMPILES: every compilation is a line of the log (compiles_after_ready).
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                   JAX_LOG_COMPILES="1")  # fmt: skip
+        env = xla_env(JAX_LOG_COMPILES="1")
         self.log = log
         self.proc = subprocess.Popen(
             [exe, "serve", *args, "--port", "0"], stdout=subprocess.PIPE,

@@ -9,7 +9,6 @@ scale, its counters and the dropped updates must come back from the checkpoint e
 
 import asyncio
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers.cli import xla_env
 from rich.console import Console
 from tiny import TINY
 
@@ -54,7 +54,7 @@ def command(run_dir):
 
 
 def env(delay=0.0):
-    out = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = xla_env()
     if delay:
         out[STEP_DELAY_ENV] = str(delay)
     return out

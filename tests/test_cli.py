@@ -10,31 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.cli import SMALL, jaxtrain
 
 from jaxtrain import config
-
-SMALL = [
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "model.d_model=64",
-    "--set",
-    "model.mlp_dim=128",
-    "--set",
-    "data.seq_len=32",
-    "--set",
-    "train.global_batch=8",
-    "--set",
-    "sample.max_new_tokens=0",  # no sample after training (tested in test_generate_cli)
-]
-
-
-def jaxtrain(*args, cwd=None, timeout=300):
-    exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run(
-        [exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
-    )
 
 
 def test_train_end_to_end(tmp_path):

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers.cli import jaxtrain
 
 from jaxtrain import config, config_file
 from jaxtrain.env import env_float, env_int
@@ -331,14 +332,6 @@ def test_env_parsers_name_the_variable(monkeypatch):
 
 
 # --- the CLI: one line on stderr, no traceback ------------------------------------------
-
-
-def jaxtrain(*args, env=None, cwd=None, timeout=120):
-    exe = shutil.which("jaxtrain", path=str(Path(sys.executable).parent)) or "jaxtrain"
-    full = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", **(env or {}))
-    return subprocess.run(
-        [exe, *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=timeout
-    )
 
 
 def files(tmp: Path) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import SMALL, jaxtrain
+from helpers.cli import SMALL, jaxtrain
 
 from jaxtrain import config
 from jaxtrain.data import (

@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers.cli import SMALL, jaxtrain
 from rich.console import Console
-from test_cli import SMALL, jaxtrain
 
 from jaxtrain.generate.api import Generator
 from jaxtrain.generate.beam import BeamConfig

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from helpers.bounds import F32, LINEAR_ADAM, UPDATE, update_error
+from helpers.cli import xla_env
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny import TINY
@@ -68,7 +69,7 @@ def readme_launch():
 
 
 def env(devices=8, delay=0.0):
-    out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = xla_env(devices)
     if delay:
         out[STEP_DELAY_ENV] = str(delay)
     return out

@@ -8,7 +8,6 @@ are left exactly as they were.
 """
 
 import errno
-import os
 import shutil
 import struct
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import xla_env
 from rich.console import Console
 from tensorboardX.proto import event_pb2
 from tiny import TINY
@@ -90,9 +90,8 @@ def one_line_error(proc, *needles, after_start=False):
 
 
 def cli(*args, cwd=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     return subprocess.run(
-        [EXE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+        [EXE, *args], capture_output=True, text=True, env=xla_env(), cwd=cwd, timeout=300
     )
 
 

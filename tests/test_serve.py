@@ -9,8 +9,8 @@ import json
 import httpx
 import numpy as np
 import pytest
+from helpers.cli import jaxtrain
 from serving import Server, chat_model, sse_events
-from test_cli import jaxtrain
 
 from jaxtrain.generate.api import Generator
 

@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
+from helpers.cli import SMALL, jaxtrain
 from serving import Server, sse_events
-from test_cli import SMALL, jaxtrain
 
 KEY = "sesame"
 AUTH = {"authorization": f"Bearer {KEY}"}
