@@ -4,17 +4,15 @@ token, with and without hypotheses ending early at EOS, and with a length penalt
 changes which of them wins."""
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import nnx
-from test_generate import fixture_prompts, transformers_generate
+from helpers.hf import FIXTURES, fixture_prompts, transformers_generate
 
 from jaxtrain.generate.beam import BeamConfig, beam_search
 from jaxtrain.models import from_pretrained
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NEW = 8
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers.bounds import F32, FP8_GRADIENT, relative_error
+from helpers.hf import FIXTURES
 from helpers.runs import run, update_errors
-from test_hf import FIXTURES
 from tiny import TINY
 
 from jaxtrain import config

@@ -2,46 +2,18 @@
 and T5's, gives transformers' ``generate(do_sample=False)`` tokens, left-padded batches
 included."""
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.hf import FIXTURES, fixture_prompts, transformers_generate
 
-from jaxtrain.generate.decode import decode_tokens, generate_tokens, left_pad, prefill_tokens
+from jaxtrain.generate.decode import decode_tokens, generate_tokens, prefill_tokens
 from jaxtrain.generate.sampling import SamplingConfig
 from jaxtrain.models import from_pretrained
 from jaxtrain.models.hf import read_config
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NEW = 10
-
-
-def fixture_prompts(directory):
-    """Two prompts of a fixture's input ids, 9 and 4 tokens: left-padded by 0 and 5."""
-    ids = np.load(directory / "input_ids.npy")
-    return left_pad([ids[0, :9].tolist(), ids[1, :4].tolist()], pad_id=0)
-
-
-def transformers_generate(directory, rows, pad, **options):
-    """transformers' greedy ``generate`` (with ``options``) of a fixture: the new tokens.
-    T5's prompt is its encoder's, and its output opens with the decoder start token."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    seq2seq = directory.name == "t5"
-    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    hf = auto.from_pretrained(directory, dtype=torch.float32)
-    mask = (np.arange(rows.shape[1])[None, :] >= pad[:, None]).astype(np.int64)
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor(rows, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            do_sample=False,
-            pad_token_id=0,
-            **options,
-        )
-    return out[:, 1:].numpy() if seq2seq else out[:, rows.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.bounds import F32, U_BF16, U_E5M2
-from helpers.runs import STEPS, random_batches
+from helpers.runs import ACCUMULATING, STEPS, random_batches
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_plan import ACCUMULATING
 
 from jaxtrain import config
 from jaxtrain.errors import UserError

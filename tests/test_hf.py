@@ -14,10 +14,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors import safe_open
+from helpers.hf import FIXTURES, abstract_graph, fixture, forward, hf_tensors
 from safetensors.numpy import save_file
 
-from jaxtrain import config, models
+from jaxtrain import config
 from jaxtrain.config import RopeScalingConfig
 from jaxtrain.data import load_tokenizer
 from jaxtrain.errors import UserError
@@ -27,7 +27,6 @@ from jaxtrain.models.hf.files import Checkpoint
 from jaxtrain.sharding import make_mesh
 from jaxtrain.train import build_program
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 NAMES = [
     "llama",
     "llama3",
@@ -42,33 +41,6 @@ NAMES = [
     "t5",
 ]
 FAMILY = {"gpt2": "gpt2", "bert": "bert", "roberta": "roberta", "t5": "t5"}  # else llama
-# transformers' input names -> ours (input_ids is the first positional argument)
-KWARGS = {"token_type_ids": "token_types", "decoder_input_ids": "decoder_inputs"}
-
-
-def fixture(name):
-    """(directory, inputs by transformers' names, transformers' logits)."""
-    d = FIXTURES / name
-    feed = {p.stem: np.load(p) for p in d.glob("*.npy") if p.stem != "logits"}
-    return d, feed, np.load(d / "logits.npy")
-
-
-def forward(model, feed, **extra):
-    """Our logits for ``feed``: token ids, or inputs by transformers' names."""
-    feed = feed if isinstance(feed, dict) else {"input_ids": feed}
-    kwargs = {KWARGS[k]: jnp.asarray(v) for k, v in feed.items() if k != "input_ids"}
-    kwargs |= {k: jnp.asarray(v) for k, v in extra.items()}
-    graphdef, state = nnx.split(model)
-    run = jax.jit(lambda s, t, kw: nnx.merge(graphdef, s)(t, **kw))
-    return np.asarray(run(state, jnp.asarray(feed["input_ids"]), kwargs))
-
-
-def hf_tensors(directory):
-    out = {}
-    for file in Path(directory).glob("*.safetensors"):
-        with safe_open(file, framework="np") as f:
-            out |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    return out
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,10 +87,6 @@ def test_token_types_positions_and_buckets_are_what_make_parity():
     graph = abstract_graph(dataclasses.replace(cfg, relative_max_distance=8))
     near = nnx.merge(graph, nnx.state(model))
     assert np.abs(forward(near, feed) - want).max() > 1e-2
-
-
-def abstract_graph(cfg):
-    return nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, rngs=nnx.Rngs(0))))
 
 
 @pytest.mark.parametrize(

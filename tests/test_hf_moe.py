@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.hf import FIXTURES, abstract_graph, fixture, forward, hf_tensors
 from safetensors.numpy import save_file
-from test_hf import FIXTURES, abstract_graph, fixture, forward, hf_tensors
 
 from jaxtrain import config
 from jaxtrain.errors import UserError

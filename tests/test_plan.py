@@ -10,6 +10,7 @@ import sys
 
 import jax
 import pytest
+from helpers.runs import ACCUMULATING
 from rich.console import Console
 from tiny import TINY
 
@@ -115,15 +116,6 @@ def test_parse_size(text, expected):
 def test_parse_size_refuses(text):
     with pytest.raises(UserError, match="--hbm: expected a size"):
         parse_size(text, "--hbm")
-
-
-ACCUMULATING = [
-    "model.compute_dtype=bfloat16",
-    "model.n_layers=2",
-    "train.global_batch=16",
-    "train.microbatches=2",
-    "data.seq_len=64",
-]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,16 @@ from jaxtrain.train import build_program
 
 STEPS = (*TINY, "train.steps=3", "optim.warmup_steps=1", *LINEAR_ADAM)
 
+# A step the plan tests compile (and never run): the default model at 2 layers, bfloat16,
+# accumulating 2 microbatches of 8 rows x 64 tokens.
+ACCUMULATING = [
+    "model.compute_dtype=bfloat16",
+    "model.n_layers=2",
+    "train.global_batch=16",
+    "train.microbatches=2",
+    "data.seq_len=64",
+]
+
 
 class Run(NamedTuple):
     """What a short run leaves: its losses, its final state (parameters in the model's
