@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.bounds import relative_error
 
 from jaxtrain import config
 from jaxtrain.errors import UserError
@@ -220,12 +221,6 @@ def test_config_accepts_the_implementations_and_names_the_key_otherwise():
 # --- the Pallas flash-attention kernel (interpret mode on CPU) ------------------------
 
 SMALL_BLOCKS = BlockSizes(q=32, k=16, q_bwd=16, k_bwd=32)  # forward and backward differ
-
-
-def relative_error(a, b):
-    """max |a - b| / max |b|, in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # (causal, heads, kv heads, L, S, segments, window, dtype): GQA ratios 1, 2 and 4,

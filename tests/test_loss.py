@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.bounds import relative_error
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny import TINY
@@ -101,13 +102,6 @@ def unsharded(family):
         return {0: whole, **chunked}
 
     return cfg, params, batch, jax.device_get(run(params, batch))
-
-
-def relative_error(a, b):
-    """max |a - b| / max |b|, as in test_equivalence (summation order differs)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = np.max(np.abs(b))
-    return float(np.max(np.abs(a - b)) / scale) if scale else float(np.max(np.abs(a)))
 
 
 def assert_same(result, reference, tol=1e-5):
