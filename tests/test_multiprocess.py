@@ -151,9 +151,9 @@ def assert_close(a_dir, b_dir, steps=None):
     """The logged losses and norms at F32, the parameters' updates at UPDATE."""
     for key in ("loss", "grad_norm", "param_norm"):
         np.testing.assert_allclose(metric(a_dir, key, steps), metric(b_dir, key, steps), rtol=F32)
-    steps = len(rows(b_dir))
+    updates = len(rows(b_dir))  # one per logged step
     errors = [
-        update_error(end, reference_end, start, steps, UPDATE)
+        update_error(end, reference_end, start, updates, UPDATE)
         for end, reference_end, start in zip(
             *(
                 jax.tree.leaves(t)

@@ -73,12 +73,6 @@ TOKENS = 8 * 16
 FP8_GRADIENT = 2 * U_E5M2 / TOKENS
 
 
-def narrow_wire(u: float) -> float:
-    """The relative change of a gradient sent in a narrow dtype of unit roundoff ``u``:
-    each device's share is rounded once to be sent and the sum once to be gathered."""
-    return 2 * u + F32
-
-
 def relative_error(a, b) -> float:
     """max |a - b| / max |b| in float64: reordered float32 sums are judged against the
     scale of their tensor, not element by element (a near-zero element's rounding is
